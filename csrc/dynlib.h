@@ -1,0 +1,33 @@
+// dlopen/dlsym with RAII. The only place that touches the dynamic loader.
+#pragma once
+
+#include <string>
+
+namespace llm_dvfs {
+
+class DynLib {
+ public:
+  DynLib() = default;
+  // Tries each candidate in order; on failure ok() is false and error() has every dlerror().
+  explicit DynLib(const std::initializer_list<std::string>& candidates);
+  ~DynLib();
+  DynLib(const DynLib&) = delete;
+  DynLib& operator=(const DynLib&) = delete;
+  DynLib(DynLib&& other) noexcept;
+  DynLib& operator=(DynLib&& other) noexcept;
+
+  bool ok() const { return handle_ != nullptr; }
+  void* symbol(const char* name) const;  // nullptr when absent
+  const std::string& path() const { return path_; }    // the candidate that loaded
+  const std::string& error() const { return error_; }  // why nothing loaded
+
+ private:
+  void* handle_ = nullptr;
+  std::string path_;
+  std::string error_;
+};
+
+// Value of an environment variable, or "" when unset.
+std::string env_or_empty(const char* name);
+
+}  // namespace llm_dvfs

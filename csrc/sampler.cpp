@@ -1,0 +1,321 @@
+#include "sampler.h"
+
+#include <time.h>
+
+#include <algorithm>
+#include <chrono>
+
+#include "device.h"
+
+namespace llm_dvfs {
+
+namespace {
+int64_t clock_ns(clockid_t id) {
+  timespec ts;
+  clock_gettime(id, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
+}
+int64_t secs_to_ns(double s) { return static_cast<int64_t>(s * 1e9); }
+
+double value_as_double(nvmlValueType_t t, const nvmlValue_t& v) {
+  switch (t) {
+    case NVML_VALUE_TYPE_DOUBLE: return v.dVal;
+    case NVML_VALUE_TYPE_UNSIGNED_INT: return v.uiVal;
+    case NVML_VALUE_TYPE_UNSIGNED_LONG: return static_cast<double>(v.ulVal);
+    case NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: return static_cast<double>(v.ullVal);
+    case NVML_VALUE_TYPE_SIGNED_LONG_LONG: return static_cast<double>(v.sllVal);
+    case NVML_VALUE_TYPE_SIGNED_INT: return v.siVal;
+    case NVML_VALUE_TYPE_UNSIGNED_SHORT: return v.usVal;
+  }
+  return v.uiVal;
+}
+
+// A buffer interval longer than this means samples were lost (normal spacing 7-45 ms on H100).
+constexpr int64_t kGapThresholdUs = 150000;
+}  // namespace
+
+int64_t monotonic_ns() { return clock_ns(CLOCK_MONOTONIC); }
+int64_t realtime_ns() { return clock_ns(CLOCK_REALTIME); }
+
+PowerSampler::PowerSampler(SamplerConfig cfg)
+    : cfg_(std::move(cfg)), sample_buf_(1024), ring_(std::max<size_t>(cfg_.capacity, 64)) {}
+
+PowerSampler::~PowerSampler() { stop(); }
+
+void PowerSampler::update_offset() {
+  // Bracket the realtime read by two monotonic reads; the midpoint error is < (b - a) / 2.
+  const int64_t a = monotonic_ns();
+  const int64_t r = realtime_ns();
+  const int64_t b = monotonic_ns();
+  offset_ns_.store(r - (a + (b - a) / 2), std::memory_order_relaxed);
+}
+
+void PowerSampler::start() {
+  if (running()) return;
+  // Load NVML and resolve handles on the caller's thread, so failures raise to the caller.
+  auto session = std::make_unique<NvmlSession>();
+  const NvmlApi& api = session->api();
+  std::vector<DeviceState> devs(cfg_.nvml_indices.size());
+  for (size_t i = 0; i < devs.size(); ++i) {
+    devs[i].handle = device_handle(api, cfg_.nvml_indices[i]);
+    // Start the buffer lane at "now": older samples belong to nobody's window.
+    devs[i].last_buffer_us = static_cast<unsigned long long>(realtime_ns() / 1000);
+    if (!api.DeviceGetSamples) devs[i].have_buffer = false;
+    if (!api.DeviceGetFieldValues) devs[i].have_fields = false;
+    if (!api.DeviceGetTotalEnergyConsumption) devs[i].have_counter = false;
+    if (!api.DeviceGetPowerUsage) devs[i].have_usage = false;
+  }
+  nvml_ = std::move(session);
+  devs_ = std::move(devs);
+  update_offset();
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_requested_ = false;
+  }
+  running_.store(true, std::memory_order_release);
+  thread_ = std::thread([this] { run(); });
+}
+
+void PowerSampler::stop() {
+  if (!thread_.joinable()) return;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_requested_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+  running_.store(false, std::memory_order_release);
+  {
+    // Wake any flush() waiter: nothing more will be produced.
+    std::lock_guard<std::mutex> l(mu_);
+    flush_done_ = flush_requested_;
+  }
+  done_cv_.notify_all();
+  devs_.clear();
+  nvml_.reset();
+}
+
+void PowerSampler::request_counter() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    counter_requested_.store(true, std::memory_order_relaxed);
+  }
+  cv_.notify_one();
+}
+
+bool PowerSampler::flush(double timeout_s) {
+  std::unique_lock<std::mutex> l(mu_);
+  if (!running()) return false;
+  const uint64_t ticket = ++flush_requested_;
+  cv_.notify_one();
+  return done_cv_.wait_for(l, std::chrono::nanoseconds(secs_to_ns(timeout_s)),
+                           [&] { return flush_done_ >= ticket; });
+}
+
+size_t PowerSampler::drain(Record* out, size_t max) {
+  std::lock_guard<std::mutex> l(consumer_mu_);  // the ring has one consumer at a time
+  return ring_.pop(out, max);
+}
+
+SamplerStats PowerSampler::stats() const {
+  SamplerStats s;
+  s.loops = loops_.load(std::memory_order_relaxed);
+  s.drains = drains_.load(std::memory_order_relaxed);
+  s.polls = polls_.load(std::memory_order_relaxed);
+  s.counter_reads = counter_reads_.load(std::memory_order_relaxed);
+  s.buffer_samples = buffer_samples_.load(std::memory_order_relaxed);
+  s.errors = errors_.load(std::memory_order_relaxed);
+  s.dropped = ring_.dropped();
+  s.pushed = ring_.pushed();
+  s.thread_cpu_s = thread_cpu_ns_.load(std::memory_order_relaxed) * 1e-9;
+  return s;
+}
+
+void PowerSampler::push(RecordKind k, unsigned dev, int64_t t_ns, double value, uint64_t extra,
+                        uint16_t aux) {
+  Record r{t_ns, value, extra, dev, static_cast<uint8_t>(k), 0, aux};
+  ring_.push(r);
+}
+
+void PowerSampler::error(unsigned dev, int code, NvmlSym sym, int64_t t_ns) {
+  errors_.fetch_add(1, std::memory_order_relaxed);
+  DeviceState& d = devs_[dev];
+  if (d.last_error == code) return;  // report a persisting failure once, not every loop
+  d.last_error = code;
+  push(RecordKind::kError, dev, t_ns, 0.0, static_cast<uint64_t>(code),
+       static_cast<uint16_t>(sym));
+}
+
+void PowerSampler::drain_buffers() {
+  const NvmlApi& api = nvml_->api();
+  update_offset();
+  const int64_t offset = offset_ns_.load(std::memory_order_relaxed);
+  for (unsigned i = 0; i < devs_.size(); ++i) {
+    DeviceState& d = devs_[i];
+    if (!d.have_buffer) continue;
+    nvmlValueType_t vt = NVML_VALUE_TYPE_UNSIGNED_INT;
+    unsigned count = static_cast<unsigned>(sample_buf_.size());
+    int r = api.DeviceGetSamples(d.handle, NVML_TOTAL_POWER_SAMPLES, d.last_buffer_us, &vt, &count,
+                                 sample_buf_.data());
+    if (r == NVML_ERROR_NOT_FOUND) continue;  // no sample newer than last_buffer_us
+    if (r != NVML_SUCCESS) {
+      if (r == NVML_ERROR_NOT_SUPPORTED) d.have_buffer = false;
+      error(i, r, NvmlSym::DeviceGetSamples, monotonic_ns());
+      continue;
+    }
+    d.last_error = 0;
+    bool first = true;
+    for (unsigned k = 0; k < count; ++k) {
+      const nvmlSample_t& s = sample_buf_[k];
+      if (s.timeStamp <= d.last_buffer_us) continue;  // de-duplicate by driver timestamp
+      const int64_t t = static_cast<int64_t>(s.timeStamp) * 1000 - offset;
+      if (first && d.last_buffer_us != 0 &&
+          static_cast<int64_t>(s.timeStamp - d.last_buffer_us) > kGapThresholdUs) {
+        push(RecordKind::kGap, i, t, (s.timeStamp - d.last_buffer_us) * 1e-6);
+      }
+      first = false;
+      push(RecordKind::kBufferPower, i, t, value_as_double(vt, s.sampleValue) / 1000.0);
+      d.last_buffer_us = s.timeStamp;
+      buffer_samples_.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+  drains_.fetch_add(1, std::memory_order_relaxed);
+}
+
+void PowerSampler::poll() {
+  const NvmlApi& api = nvml_->api();
+  for (unsigned i = 0; i < devs_.size(); ++i) {
+    DeviceState& d = devs_[i];
+    const int64_t t = monotonic_ns();
+    auto changed = [&](RecordKind k, double v, double& last) {
+      if (v != last) {
+        push(k, i, t, v);
+        last = v;
+      }
+    };
+    if (d.have_fields) {
+      nvmlFieldValue_t fv[2] = {};
+      fv[0].fieldId = NVML_FI_DEV_POWER_INSTANT;
+      fv[1].fieldId = NVML_FI_DEV_POWER_AVERAGE;
+      int r = api.DeviceGetFieldValues(d.handle, 2, fv);
+      if (r == NVML_SUCCESS) {
+        if (fv[0].nvmlReturn == NVML_SUCCESS)
+          changed(RecordKind::kInstantPower, value_as_double(fv[0].valueType, fv[0].value) / 1000.0,
+                  d.last_inst);
+        if (fv[1].nvmlReturn == NVML_SUCCESS)
+          changed(RecordKind::kAveragePower, value_as_double(fv[1].valueType, fv[1].value) / 1000.0,
+                  d.last_avg);
+        if (fv[0].nvmlReturn != NVML_SUCCESS && fv[1].nvmlReturn != NVML_SUCCESS)
+          d.have_fields = false;
+      } else {
+        if (r == NVML_ERROR_NOT_SUPPORTED) d.have_fields = false;
+        error(i, r, NvmlSym::DeviceGetFieldValues, t);
+      }
+    } else if (d.have_usage) {
+      unsigned mw = 0;
+      int r = api.DeviceGetPowerUsage(d.handle, &mw);
+      if (r == NVML_SUCCESS) {
+        changed(RecordKind::kAveragePower, mw / 1000.0, d.last_avg);
+      } else {
+        if (r == NVML_ERROR_NOT_SUPPORTED) d.have_usage = false;
+        error(i, r, NvmlSym::DeviceGetPowerUsage, t);
+      }
+    }
+    if (!cfg_.poll_clocks) continue;
+    unsigned v = 0;
+    if (LLM_DVFS_NVML_TRY(api, DeviceGetClockInfo, d.handle, NVML_CLOCK_SM, &v) == NVML_SUCCESS)
+      changed(RecordKind::kSmClock, v, d.last_sm);
+    if (LLM_DVFS_NVML_TRY(api, DeviceGetClockInfo, d.handle, NVML_CLOCK_MEM, &v) == NVML_SUCCESS)
+      changed(RecordKind::kMemClock, v, d.last_mem);
+    if (LLM_DVFS_NVML_TRY(api, DeviceGetTemperature, d.handle, NVML_TEMPERATURE_GPU, &v) ==
+        NVML_SUCCESS)
+      changed(RecordKind::kTemperature, v, d.last_temp);
+    unsigned long long reasons = 0;
+    if (LLM_DVFS_NVML_TRY(api, DeviceGetCurrentClocksEventReasons, d.handle, &reasons) ==
+            NVML_SUCCESS &&
+        reasons != d.last_events) {
+      push(RecordKind::kClockEvents, i, t, 0.0, reasons);
+      d.last_events = reasons;
+    }
+  }
+  polls_.fetch_add(1, std::memory_order_relaxed);
+}
+
+void PowerSampler::read_counters() {
+  const NvmlApi& api = nvml_->api();
+  for (unsigned i = 0; i < devs_.size(); ++i) {
+    DeviceState& d = devs_[i];
+    if (!d.have_counter) continue;
+    unsigned long long mj = 0;
+    const int64_t a = monotonic_ns();
+    int r = api.DeviceGetTotalEnergyConsumption(d.handle, &mj);
+    const int64_t b = monotonic_ns();
+    if (r == NVML_SUCCESS) {
+      push(RecordKind::kEnergyCounter, i, a + (b - a) / 2, (b - a) * 1e-9, mj);
+    } else {
+      if (r == NVML_ERROR_NOT_SUPPORTED) d.have_counter = false;
+      error(i, r, NvmlSym::DeviceGetTotalEnergyConsumption, b);
+    }
+  }
+  counter_reads_.fetch_add(1, std::memory_order_relaxed);
+}
+
+void PowerSampler::run() {
+  const int64_t poll_ns = std::max<int64_t>(secs_to_ns(cfg_.poll_period_s), 100000);
+  const int64_t drain_ns = std::max<int64_t>(secs_to_ns(cfg_.buffer_period_s), 1000000);
+  const int64_t counter_ns = std::max<int64_t>(secs_to_ns(cfg_.counter_period_s), 1000000);
+  // A counter read (~3 ms, p99 15 ms on H100) is only started when the next poll is at least
+  // this far away, or right after a poll, so it never delays a due poll.
+  constexpr int64_t kCounterSlackNs = 15000000;
+  int64_t now = monotonic_ns();
+  int64_t next_poll = now, next_drain = now, next_counter = now;
+  uint64_t served_flush = 0;
+  for (;;) {
+    uint64_t flush_ticket;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (stop_requested_) break;
+      flush_ticket = flush_requested_;
+    }
+    const bool flushing = flush_ticket > served_flush;
+    now = monotonic_ns();
+    bool polled = false;
+    if (now >= next_poll || flushing) {
+      poll();
+      polled = true;
+      next_poll = std::max(next_poll + poll_ns, now + poll_ns / 4);
+    }
+    if (now >= next_drain || flushing) {
+      drain_buffers();
+      next_drain = monotonic_ns() + drain_ns;
+    }
+    const bool counter_due = now >= next_counter || flushing ||
+                             counter_requested_.load(std::memory_order_relaxed);
+    bool counter_deferred = false;
+    if (counter_due && (polled || next_poll - monotonic_ns() >= kCounterSlackNs)) {
+      counter_requested_.store(false, std::memory_order_relaxed);
+      read_counters();
+      next_counter = monotonic_ns() + counter_ns;
+    } else if (counter_due) {
+      counter_deferred = true;  // served right after the next poll; don't spin until then
+    }
+    loops_.fetch_add(1, std::memory_order_relaxed);
+    thread_cpu_ns_.store(clock_ns(CLOCK_THREAD_CPUTIME_ID), std::memory_order_relaxed);
+    if (flushing) {
+      served_flush = flush_ticket;
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        flush_done_ = std::max(flush_done_, flush_ticket);
+      }
+      done_cv_.notify_all();
+    }
+    const int64_t wake = std::min({next_poll, next_drain, next_counter});
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait_for(l, std::chrono::nanoseconds(std::max<int64_t>(wake - monotonic_ns(), 0)), [&] {
+      return stop_requested_ || flush_requested_ > served_flush ||
+             (!counter_deferred && counter_requested_.load(std::memory_order_relaxed));
+    });
+  }
+}
+
+}  // namespace llm_dvfs

@@ -1,0 +1,133 @@
+// PowerSampler: one native thread for all monitored devices, three lanes (DESIGN.md):
+//   buffer  - drains nvmlDeviceGetSamples(TOTAL_POWER) (~20 ms samples, ~2.4 s deep on H100)
+//   poll    - instant/average power fields, SM/mem clocks, temperature, clock-event reasons;
+//             only changes are stored, stamped with the poll time
+//   counter - total energy counter (slow: ~3 ms/call), on its own period, on request at window
+//             edges, and scheduled so that it never delays a due poll
+// Every record is stamped on the host CLOCK_MONOTONIC timeline (ns). The thread never touches
+// Python; the consumer (Python, GIL released while waiting) drains the ring.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "nvml.h"
+#include "ring.h"
+
+namespace llm_dvfs {
+
+enum class RecordKind : uint8_t {
+  kBufferPower = 0,   // value = W, from the driver sample buffer (t = sample time)
+  kInstantPower = 1,  // value = W, field 186 (t = poll time)
+  kAveragePower = 2,  // value = W, field 185 / GetPowerUsage (1 s average on H100)
+  kSmClock = 3,       // value = MHz
+  kMemClock = 4,      // value = MHz
+  kTemperature = 5,   // value = °C
+  kClockEvents = 6,   // extra = NVML clock-event reason bits
+  kEnergyCounter = 7, // extra = mJ; t = midpoint of the call; value = call duration s
+  kError = 8,         // extra = nvmlReturn_t; aux = NvmlSym index of the failing call
+  kGap = 9,           // value = seconds of buffer samples that were lost
+};
+
+struct Record {
+  int64_t t_ns;
+  double value;
+  uint64_t extra;
+  uint32_t device;  // position in the sampler's device list
+  uint8_t kind;
+  uint8_t pad;
+  uint16_t aux;
+};
+static_assert(sizeof(Record) == 32, "Record is meant to be 32 bytes");
+
+struct SamplerConfig {
+  std::vector<unsigned> nvml_indices;
+  double buffer_period_s = 0.25;  // drain interval; the H100 buffer holds ~2.4 s
+  double poll_period_s = 0.05;    // fields change every ~100 ms on H100
+  double counter_period_s = 1.0;
+  size_t capacity = 1u << 19;     // records; ~1.4 h at the default rates of one GPU
+  bool poll_clocks = true;
+};
+
+struct SamplerStats {
+  uint64_t loops = 0, drains = 0, polls = 0, counter_reads = 0, buffer_samples = 0, errors = 0;
+  uint64_t dropped = 0, pushed = 0;
+  double thread_cpu_s = 0.0;
+};
+
+int64_t monotonic_ns();
+int64_t realtime_ns();
+
+class PowerSampler {
+ public:
+  explicit PowerSampler(SamplerConfig cfg);
+  ~PowerSampler();  // stops and joins
+  PowerSampler(const PowerSampler&) = delete;
+  PowerSampler& operator=(const PowerSampler&) = delete;
+
+  void start();  // idempotent
+  void stop();   // idempotent; joins the thread
+  bool running() const { return running_.load(std::memory_order_acquire); }
+
+  // Ask for a counter read as soon as it delays no due poll (window edges). Non-blocking.
+  void request_counter();
+  // Run every lane now and wait until done (or timeout). Returns false on timeout.
+  bool flush(double timeout_s);
+  // Consumer side: move up to max records out of the ring. Thread-safe among consumers.
+  size_t drain(Record* out, size_t max);
+  size_t pending() const { return ring_.size(); }
+
+  SamplerStats stats() const;
+  const SamplerConfig& config() const { return cfg_; }
+  // (realtime - monotonic) in ns as last measured by the sampler; maps buffer timestamps.
+  int64_t clock_offset_ns() const { return offset_ns_.load(std::memory_order_relaxed); }
+
+ private:
+  struct DeviceState {
+    nvmlDevice_t handle = nullptr;
+    unsigned long long last_buffer_us = 0;  // de-duplication point for the buffer lane
+    bool have_buffer = true, have_fields = true, have_counter = true, have_usage = true;
+    double last_inst = -1, last_avg = -1, last_sm = -1, last_mem = -1, last_temp = -1;
+    uint64_t last_events = ~0ull;
+    int last_error = 0;
+  };
+
+  void run();
+  void drain_buffers();
+  void poll();
+  void read_counters();
+  void push(RecordKind k, unsigned dev, int64_t t_ns, double value, uint64_t extra = 0,
+            uint16_t aux = 0);
+  void error(unsigned dev, int code, NvmlSym sym, int64_t t_ns);
+  void update_offset();
+
+  SamplerConfig cfg_;
+  std::unique_ptr<NvmlSession> nvml_;
+  std::vector<DeviceState> devs_;
+  std::vector<nvmlSample_t> sample_buf_;
+  SpscRing<Record> ring_;
+  std::mutex consumer_mu_;
+
+  std::thread thread_;
+  std::mutex mu_;  // guards the wake-up condition only; never held across an NVML call
+  std::condition_variable cv_;
+  std::condition_variable done_cv_;
+  std::atomic<bool> running_{false};
+  bool stop_requested_ = false;           // guarded by mu_
+  uint64_t flush_requested_ = 0;          // guarded by mu_
+  uint64_t flush_done_ = 0;               // guarded by mu_
+  std::atomic<bool> counter_requested_{false};
+  std::atomic<int64_t> offset_ns_{0};
+
+  // Stats written by the sampler thread, read by anyone (relaxed: monotonic counters).
+  std::atomic<uint64_t> loops_{0}, drains_{0}, polls_{0}, counter_reads_{0}, buffer_samples_{0},
+      errors_{0};
+  std::atomic<int64_t> thread_cpu_ns_{0};
+};
+
+}  // namespace llm_dvfs
