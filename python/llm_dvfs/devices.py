@@ -14,6 +14,7 @@ from typing import Any, Optional
 from . import errors
 
 _last_error: Optional[str] = None
+_last_library: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,11 @@ def last_error() -> Optional[str]:
     return _last_error
 
 
+def library_path() -> Optional[str]:
+    """Path of the NVML library the last ``devices()`` call loaded (None if none loaded)."""
+    return _last_library
+
+
 def _core():
     from . import _core as core  # the extension loads no library at import
 
@@ -117,7 +123,7 @@ def devices() -> list[DeviceInfo]:
     Raises :class:`~llm_dvfs.errors.NvmlError` for real failures of a present driver
     (e.g. GPU lost), and :class:`~llm_dvfs.errors.SymbolNotFound` for an unusable library.
     """
-    global _last_error
+    global _last_error, _last_library
     core = _core()
     try:
         session = core.Session()
@@ -127,6 +133,7 @@ def devices() -> list[DeviceInfo]:
     except errors.DriverNotLoaded as e:
         _last_error = str(e)
         return []
+    _last_library = core.nvml_library_path() or None
     try:
         n = session.device_count()
         raw = [session.device_info(i) for i in range(n)]
