@@ -1,0 +1,225 @@
+#include "control.h"
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "device.h"
+
+namespace llm_dvfs {
+
+void set_gpu_locked_clocks(const NvmlApi& api, unsigned nvml_index, unsigned min_mhz,
+                           unsigned max_mhz) {
+  nvmlDevice_t h = device_handle(api, nvml_index);
+  LLM_DVFS_NVML_CALL(api, DeviceSetGpuLockedClocks, h, min_mhz, max_mhz);
+}
+
+void reset_gpu_locked_clocks(const NvmlApi& api, unsigned nvml_index) {
+  nvmlDevice_t h = device_handle(api, nvml_index);
+  LLM_DVFS_NVML_CALL(api, DeviceResetGpuLockedClocks, h);
+}
+
+void set_mem_locked_clocks(const NvmlApi& api, unsigned nvml_index, unsigned min_mhz,
+                           unsigned max_mhz) {
+  nvmlDevice_t h = device_handle(api, nvml_index);
+  LLM_DVFS_NVML_CALL(api, DeviceSetMemoryLockedClocks, h, min_mhz, max_mhz);
+}
+
+void reset_mem_locked_clocks(const NvmlApi& api, unsigned nvml_index) {
+  nvmlDevice_t h = device_handle(api, nvml_index);
+  LLM_DVFS_NVML_CALL(api, DeviceResetMemoryLockedClocks, h);
+}
+
+void set_applications_clocks(const NvmlApi& api, unsigned nvml_index, unsigned mem_mhz,
+                             unsigned sm_mhz) {
+  nvmlDevice_t h = device_handle(api, nvml_index);
+  LLM_DVFS_NVML_CALL(api, DeviceSetApplicationsClocks, h, mem_mhz, sm_mhz);
+}
+
+void reset_applications_clocks(const NvmlApi& api, unsigned nvml_index) {
+  nvmlDevice_t h = device_handle(api, nvml_index);
+  LLM_DVFS_NVML_CALL(api, DeviceResetApplicationsClocks, h);
+}
+
+void set_power_limit_mw(const NvmlApi& api, unsigned nvml_index, unsigned limit_mw) {
+  nvmlDevice_t h = device_handle(api, nvml_index);
+  LLM_DVFS_NVML_CALL(api, DeviceSetPowerManagementLimit, h, limit_mw);
+}
+
+namespace {
+
+// Value on success, empty on a capability error, throws on anything else (GPU lost, ...).
+template <typename T>
+std::optional<T> opt_query(int r, T v, const char* fn) {
+  if (r == NVML_SUCCESS) return v;
+  if (is_capability_error(r)) return std::nullopt;
+  throw_nvml_error(r, fn);
+}
+
+}  // namespace
+
+ClockState clock_state(const NvmlApi& api, unsigned nvml_index) {
+  nvmlDevice_t h = device_handle(api, nvml_index);
+  ClockState s;
+  unsigned v = 0;
+  const char* fn = api.name(NvmlSym::DeviceGetClockInfo);
+  s.sm_mhz = opt_query(LLM_DVFS_NVML_TRY(api, DeviceGetClockInfo, h, NVML_CLOCK_SM, &v), v, fn);
+  s.mem_mhz = opt_query(LLM_DVFS_NVML_TRY(api, DeviceGetClockInfo, h, NVML_CLOCK_MEM, &v), v, fn);
+  s.graphics_mhz =
+      opt_query(LLM_DVFS_NVML_TRY(api, DeviceGetClockInfo, h, NVML_CLOCK_GRAPHICS, &v), v, fn);
+  fn = api.name(NvmlSym::DeviceGetApplicationsClock);
+  s.app_sm_mhz = opt_query(
+      LLM_DVFS_NVML_TRY(api, DeviceGetApplicationsClock, h, NVML_CLOCK_GRAPHICS, &v), v, fn);
+  s.app_mem_mhz = opt_query(
+      LLM_DVFS_NVML_TRY(api, DeviceGetApplicationsClock, h, NVML_CLOCK_MEM, &v), v, fn);
+  s.power_limit_mw = opt_query(LLM_DVFS_NVML_TRY(api, DeviceGetPowerManagementLimit, h, &v), v,
+                               api.name(NvmlSym::DeviceGetPowerManagementLimit));
+  s.power_limit_default_mw =
+      opt_query(LLM_DVFS_NVML_TRY(api, DeviceGetPowerManagementDefaultLimit, h, &v), v,
+                api.name(NvmlSym::DeviceGetPowerManagementDefaultLimit));
+  unsigned lo = 0, hi = 0;
+  int r = LLM_DVFS_NVML_TRY(api, DeviceGetPowerManagementLimitConstraints, h, &lo, &hi);
+  if (r == NVML_SUCCESS) {
+    s.power_limit_min_mw = lo;
+    s.power_limit_max_mw = hi;
+  } else if (!is_capability_error(r)) {
+    throw_nvml_error(r, api.name(NvmlSym::DeviceGetPowerManagementLimitConstraints));
+  }
+  s.power_usage_mw = opt_query(LLM_DVFS_NVML_TRY(api, DeviceGetPowerUsage, h, &v), v,
+                               api.name(NvmlSym::DeviceGetPowerUsage));
+  s.temperature_c =
+      opt_query(LLM_DVFS_NVML_TRY(api, DeviceGetTemperature, h, NVML_TEMPERATURE_GPU, &v), v,
+                api.name(NvmlSym::DeviceGetTemperature));
+  unsigned long long reasons = 0;
+  s.clock_event_reasons =
+      opt_query<uint64_t>(LLM_DVFS_NVML_TRY(api, DeviceGetCurrentClocksEventReasons, h, &reasons),
+                          reasons, api.name(NvmlSym::DeviceGetCurrentClocksEventReasons));
+  return s;
+}
+
+ControlCapabilities control_capabilities(const NvmlApi& api, unsigned nvml_index) {
+  nvmlDevice_t h = device_handle(api, nvml_index);
+  ControlCapabilities c;
+  c.gpu_locked_clocks = api.DeviceSetGpuLockedClocks && api.DeviceResetGpuLockedClocks;
+  c.mem_locked_clocks = api.DeviceSetMemoryLockedClocks && api.DeviceResetMemoryLockedClocks;
+  unsigned v = 0, lo = 0, hi = 0;
+  c.applications_clocks =
+      api.DeviceSetApplicationsClocks && api.DeviceResetApplicationsClocks &&
+      LLM_DVFS_NVML_TRY(api, DeviceGetApplicationsClock, h, NVML_CLOCK_GRAPHICS, &v) ==
+          NVML_SUCCESS;
+  c.power_limit = api.DeviceSetPowerManagementLimit &&
+                  LLM_DVFS_NVML_TRY(api, DeviceGetPowerManagementLimitConstraints, h, &lo, &hi) ==
+                      NVML_SUCCESS;
+  return c;
+}
+
+}  // namespace llm_dvfs
+
+// ---- bindings -------------------------------------------------------------------------------
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+py::object opt(const std::optional<T>& v) {
+  return v ? py::cast(*v) : py::object(py::none());
+}
+
+// Runs fn(api) on a fresh session with the GIL released (loading NVML and every setter can
+// block for milliseconds; the watchdog and the sampler thread must keep running meanwhile).
+template <typename F>
+auto with_session(F&& fn) {
+  py::gil_scoped_release nogil;
+  llm_dvfs::NvmlSession session;
+  return fn(session.api());
+}
+
+}  // namespace
+
+void bind_control(py::module_& m) {
+  using namespace llm_dvfs;
+  m.def(
+      "set_gpu_locked_clocks",
+      [](unsigned i, unsigned lo, unsigned hi) {
+        with_session([&](const NvmlApi& a) { set_gpu_locked_clocks(a, i, lo, hi); });
+      },
+      py::arg("nvml_index"), py::arg("min_mhz"), py::arg("max_mhz"),
+      "Lock the SM/graphics clock to [min_mhz, max_mhz] MHz (nvmlDeviceSetGpuLockedClocks).");
+  m.def(
+      "reset_gpu_locked_clocks",
+      [](unsigned i) { with_session([&](const NvmlApi& a) { reset_gpu_locked_clocks(a, i); }); },
+      py::arg("nvml_index"));
+  m.def(
+      "set_mem_locked_clocks",
+      [](unsigned i, unsigned lo, unsigned hi) {
+        with_session([&](const NvmlApi& a) { set_mem_locked_clocks(a, i, lo, hi); });
+      },
+      py::arg("nvml_index"), py::arg("min_mhz"), py::arg("max_mhz"),
+      "Lock the memory clock to [min_mhz, max_mhz] MHz (nvmlDeviceSetMemoryLockedClocks).");
+  m.def(
+      "reset_mem_locked_clocks",
+      [](unsigned i) { with_session([&](const NvmlApi& a) { reset_mem_locked_clocks(a, i); }); },
+      py::arg("nvml_index"));
+  m.def(
+      "set_applications_clocks",
+      [](unsigned i, unsigned mem, unsigned sm) {
+        with_session([&](const NvmlApi& a) { set_applications_clocks(a, i, mem, sm); });
+      },
+      py::arg("nvml_index"), py::arg("mem_mhz"), py::arg("sm_mhz"),
+      "Set applications clocks (memory, graphics) in MHz (nvmlDeviceSetApplicationsClocks).");
+  m.def(
+      "reset_applications_clocks",
+      [](unsigned i) {
+        with_session([&](const NvmlApi& a) { reset_applications_clocks(a, i); });
+      },
+      py::arg("nvml_index"));
+  m.def(
+      "set_power_limit_w",
+      [](unsigned i, double w) {
+        if (!(w > 0.0) || w > 1e6) throw py::value_error("power limit must be in (0, 1e6] W");
+        const unsigned mw = static_cast<unsigned>(w * 1000.0 + 0.5);
+        with_session([&](const NvmlApi& a) { set_power_limit_mw(a, i, mw); });
+      },
+      py::arg("nvml_index"), py::arg("limit_w"),
+      "Set the power-management limit in W (rounded to mW).");
+  m.def(
+      "clock_state",
+      [](unsigned i) {
+        ClockState s = with_session([&](const NvmlApi& a) { return clock_state(a, i); });
+        auto mw_to_w = [](const std::optional<unsigned>& mw) -> py::object {
+          return mw ? py::cast(*mw / 1000.0) : py::object(py::none());
+        };
+        py::dict o;
+        o["sm_mhz"] = opt(s.sm_mhz);
+        o["mem_mhz"] = opt(s.mem_mhz);
+        o["graphics_mhz"] = opt(s.graphics_mhz);
+        o["app_sm_mhz"] = opt(s.app_sm_mhz);
+        o["app_mem_mhz"] = opt(s.app_mem_mhz);
+        o["power_limit_w"] = mw_to_w(s.power_limit_mw);
+        o["power_limit_default_w"] = mw_to_w(s.power_limit_default_mw);
+        o["power_limit_min_w"] = mw_to_w(s.power_limit_min_mw);
+        o["power_limit_max_w"] = mw_to_w(s.power_limit_max_mw);
+        o["power_w"] = mw_to_w(s.power_usage_mw);
+        o["temperature_c"] = opt(s.temperature_c);
+        o["clock_event_reasons"] = opt(s.clock_event_reasons);
+        return o;
+      },
+      py::arg("nvml_index"),
+      "Current clocks (MHz), applications clocks, power limit and its range (W), power (W), "
+      "temperature (°C) and the clocks-event reason bits; None where the device has no value.");
+  m.def(
+      "control_capabilities",
+      [](unsigned i) {
+        ControlCapabilities c =
+            with_session([&](const NvmlApi& a) { return control_capabilities(a, i); });
+        py::dict o;
+        o["gpu_locked_clocks"] = c.gpu_locked_clocks;
+        o["mem_locked_clocks"] = c.mem_locked_clocks;
+        o["applications_clocks"] = c.applications_clocks;
+        o["power_limit"] = c.power_limit;
+        return o;
+      },
+      py::arg("nvml_index"),
+      "Which setters can be attempted (symbol exported and, where a read-only probe exists, "
+      "answered by the device). Permission is only known by trying.");
+}
