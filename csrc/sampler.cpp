@@ -38,7 +38,7 @@ int64_t monotonic_ns() { return clock_ns(CLOCK_MONOTONIC); }
 int64_t realtime_ns() { return clock_ns(CLOCK_REALTIME); }
 
 PowerSampler::PowerSampler(SamplerConfig cfg)
-    : cfg_(std::move(cfg)), sample_buf_(1024), ring_(std::max<size_t>(cfg_.capacity, 64)) {}
+    : cfg_(std::move(cfg)), sample_buf_(1024), ring_(std::max<size_t>(cfg_.capacity, 16)) {}
 
 PowerSampler::~PowerSampler() { stop(); }
 
