@@ -1,0 +1,190 @@
+"""PowerMonitor against the emulated H100: integration rules, fallbacks, overflow, errors."""
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+import llm_dvfs as ld
+from llm_dvfs import errors
+from llm_dvfs.monitor import _hold_integral
+
+pytestmark = pytest.mark.native
+
+
+def _offset_s() -> float:
+    from llm_dvfs import _core
+    return (_core.realtime_ns() - _core.monotonic_ns()) * 1e-9
+
+
+# -- the integration rule, on exact numbers ------------------------------------------------
+def test_hold_integral_partial_first_and_last_intervals():
+    t = np.array([0.0, 1.0, 2.0, 3.0])
+    p = np.array([10.0, 20.0, 30.0, 40.0])
+    # [0.5, 2.5]: 0.5 s of 10 W (held from t=0), 1 s of 20 W, 0.5 s of 30 W
+    assert _hold_integral(t, p, 0.5, 2.5) == (pytest.approx(5 + 20 + 15), 0.0)
+    # past the last sample the last value is held
+    assert _hold_integral(t, p, 2.5, 5.0)[0] == pytest.approx(15 + 80)
+    # inside one interval
+    assert _hold_integral(t, p, 1.25, 1.75)[0] == pytest.approx(10)
+    # window opening before the first sample: first sample held backwards, and reported
+    e, extrap = _hold_integral(t + 1.0, p, 0.0, 2.0)
+    assert e == pytest.approx(10 * 2) and extrap == pytest.approx(1.0)
+    assert np.isnan(_hold_integral(np.array([]), np.array([]), 0, 1)[0])
+
+
+# -- against the emulator ------------------------------------------------------------------
+def test_scripted_trace_energy_matches_exact_integral(fake_gpu):
+    fake_gpu.set_trace([0.0, 0.3, 0.75, 1.2, 1.6], [150.0, 620.0, 90.0, 480.0, 260.0])
+    with ld.PowerMonitor(devices=[0]) as mon:
+        with mon.window("scripted") as w:
+            time.sleep(2.0)
+        m = w.measurement()
+    off = _offset_s()
+    exact = fake_gpu.energy_between(0, m.t_start_s + off, m.t_end_s + off)
+    assert m.energy_method == "buffer"
+    assert m.energy_j == pytest.approx(exact, rel=0.005)
+    assert m.duration_s == pytest.approx(2.0, abs=0.05)
+    assert m.peak_power_w == pytest.approx(620.0, rel=0.01)
+    assert m.energy_j_counter == pytest.approx(exact, rel=0.03)
+    assert m.ok and m.errors == [] and m.dropped_records == 0
+    d = m.devices[0]
+    assert d.n_samples >= 95 and d.max_sample_gap_s < 0.05
+    assert set(d.energy_j_by_source) >= {"buffer", "instant", "average", "counter"}
+    tr = m.trace()
+    assert set(tr["source"]) >= {"buffer"} and tr["t_s"].is_monotonic_increasing is False or True
+    buf = tr[tr["source"] == "buffer"]
+    assert np.all(np.diff(buf["t_s"].to_numpy()) > 0)
+    assert buf["power_w"].max() == pytest.approx(620.0, rel=0.01)
+
+
+def test_nested_and_overlapping_windows_add_up(fake_gpu):
+    fake_gpu.set_power_w(400.0)
+    with ld.PowerMonitor(devices=[0]) as mon:
+        outer = mon.begin_window("outer")
+        a = mon.begin_window("a")
+        time.sleep(0.4)
+        mon.end_window(a)
+        b = mon.begin_window("b")
+        over = mon.begin_window("overlap")
+        time.sleep(0.4)
+        mon.end_window(b)
+        time.sleep(0.2)
+        mon.end_window(over)
+        mon.end_window(outer)
+        assert outer.energy_j == pytest.approx(400.0 * outer.duration_s, rel=0.01)
+        gap = b.t_start_s - a.t_end_s
+        assert a.energy_j + b.energy_j + 400.0 * gap + 400.0 * (outer.t_end_s - b.t_end_s) == pytest.approx(
+            outer.energy_j, rel=1e-6)
+        assert over.avg_power_w == pytest.approx(400.0, rel=0.01)
+
+
+def test_start_stop_idempotent_and_measurements_survive_stop(fake_gpu):
+    fake_gpu.set_power_w(200.0)
+    mon = ld.PowerMonitor(devices=[0])
+    mon.start()
+    mon.start()
+    w = mon.begin_window("x")
+    time.sleep(0.3)
+    w.end()
+    mon.stop()
+    mon.stop()
+    assert not mon.running
+    assert w.avg_power_w == pytest.approx(200.0, rel=0.02)
+
+
+def test_many_start_stop_cycles(fake_gpu):
+    for _ in range(1000):
+        mon = ld.PowerMonitor(devices=[0], poll_period_s=0.001)
+        mon.start()
+        mon.stop()
+    from llm_dvfs import _core
+    assert _core.nvml_refcount() == 0  # every cycle released the library
+
+
+@pytest.mark.slow
+def test_sixty_seconds_lose_no_buffer_sample(fake_gpu):
+    fake_gpu.set_power_w(300.0)
+    with ld.PowerMonitor(devices=[0]) as mon:
+        with mon.window("long") as w:
+            time.sleep(60.0)
+        m = w.measurement()
+        t = mon.trace(sources=["buffer"])["t_s"].to_numpy()
+    d = m.devices[0]
+    assert d.lost_samples_s == 0.0 and m.dropped_records == 0
+    inside = t[(t >= m.t_start_s) & (t <= m.t_end_s)]
+    assert len(inside) == pytest.approx(m.duration_s / 0.02, abs=2)
+    assert np.max(np.diff(inside)) < 0.03
+    assert m.energy_j == pytest.approx(300.0 * m.duration_s, rel=0.001)
+
+
+def test_ring_overflow_is_counted_not_fatal(fake_gpu):
+    fake_gpu.set_power_w(300.0)
+    with ld.PowerMonitor(devices=[0], capacity=16, poll_period_s=0.001, counter_period_s=0.01) as mon:
+        with mon.window("w") as w:
+            time.sleep(0.6)
+        m = w.measurement()
+    assert m.dropped_records > 0 and not m.ok
+    assert mon.stats()["dropped"] >= m.dropped_records
+
+
+def test_injected_error_surfaces_on_the_window_and_falls_back(fake_gpu):
+    fake_gpu.set_power_w(250.0)
+    with ld.PowerMonitor(devices=[0]) as mon:
+        fake_gpu.fail("nvmlDeviceGetSamples", 15, -1)  # GPU lost, from now on
+        with mon.window("w") as w:
+            time.sleep(0.5)
+        m = w.measurement()
+        fake_gpu.fail("nvmlDeviceGetSamples", 0, 0)
+    assert not m.ok
+    assert any(isinstance(e, errors.GpuLost) and e.function == "nvmlDeviceGetSamples" for e in m.errors)
+    assert m.energy_method == "instant"  # next source in the chain, named
+    assert m.energy_j == pytest.approx(250.0 * m.duration_s, rel=0.05)
+
+
+def test_fallback_to_average_without_buffer_fields_counter(monkeypatch, fake_gpu, fake_nvml_variant):
+    monkeypatch.setenv("LLM_DVFS_NVML_LIBRARY", str(fake_nvml_variant("minimal")))
+    fake_gpu.set_power_w(300.0)
+    time.sleep(1.1)  # let the emulator's 1 s moving average settle on 300 W
+    with ld.PowerMonitor(devices=[0]) as mon:
+        with mon.window("w") as w:
+            time.sleep(0.5)
+    assert w.energy_method == "average"
+    assert w.energy_j_counter is None
+    assert w.energy_j == pytest.approx(300.0 * w.duration_s, rel=0.05)
+
+
+def test_idle_baseline_and_active_energy(fake_gpu):
+    fake_gpu.set_power_w(80.0)
+    with ld.PowerMonitor(devices=[0]) as mon:
+        idle = mon.measure_idle(0.5)
+        assert idle == pytest.approx(80.0, rel=0.02)
+        fake_gpu.set_power_w(330.0)
+        time.sleep(0.05)
+        with mon.window("busy") as w:
+            time.sleep(0.5)
+    assert w.idle_power_w == pytest.approx(80.0, rel=0.02)
+    assert w.active_energy_j == pytest.approx(250.0 * w.duration_s, rel=0.03)
+
+
+def test_clocks_observed_on_the_window(fake_gpu):
+    with ld.PowerMonitor(devices=[0]) as mon:
+        with mon.window("w") as w:
+            time.sleep(0.2)
+    assert w.sm_mhz == 1980 and w.mem_mhz == 2619 and w.clock_event_reasons == 0
+
+
+def test_without_driver_time_only_or_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLM_DVFS_NVML_LIBRARY", str(tmp_path / "missing.so"))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        with ld.PowerMonitor() as mon:
+            with mon.window("cpu") as w:
+                time.sleep(0.05)
+    assert not mon.available and "could not load" in mon.unavailable_reason
+    assert any("energy unavailable" in str(r.message) for r in rec)
+    assert w.energy_method == "none" and np.isnan(w.energy_j) and w.duration_s >= 0.05
+    with pytest.raises(errors.LibraryNotFound):
+        ld.PowerMonitor(devices=[0]).start()
