@@ -222,7 +222,7 @@ def summarize(requests: pd.DataFrame, *, group_keys: Sequence[str] | None = None
         b: dict[str, np.ndarray] = {}
         for m in metrics:
             v = pd.to_numeric(g[m], errors="coerce").to_numpy(dtype=float)
-            v = v[np.isfinite(v)]
+            v = np.sort(v[np.isfinite(v)])  # sorted: the CI must not depend on the row order
             row[f"{m}_n"] = int(v.size)
             cc, stat = center_column(m), CENTER.get(m, "median")
             if v.size == 0:
