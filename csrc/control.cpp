@@ -60,39 +60,51 @@ std::optional<T> opt_query(int r, T v, const char* fn) {
 ClockState clock_state(const NvmlApi& api, unsigned nvml_index) {
   nvmlDevice_t h = device_handle(api, nvml_index);
   ClockState s;
-  unsigned v = 0;
-  const char* fn = api.name(NvmlSym::DeviceGetClockInfo);
-  s.sm_mhz = opt_query(LLM_DVFS_NVML_TRY(api, DeviceGetClockInfo, h, NVML_CLOCK_SM, &v), v, fn);
-  s.mem_mhz = opt_query(LLM_DVFS_NVML_TRY(api, DeviceGetClockInfo, h, NVML_CLOCK_MEM, &v), v, fn);
-  s.graphics_mhz =
-      opt_query(LLM_DVFS_NVML_TRY(api, DeviceGetClockInfo, h, NVML_CLOCK_GRAPHICS, &v), v, fn);
-  fn = api.name(NvmlSym::DeviceGetApplicationsClock);
-  s.app_sm_mhz = opt_query(
-      LLM_DVFS_NVML_TRY(api, DeviceGetApplicationsClock, h, NVML_CLOCK_GRAPHICS, &v), v, fn);
-  s.app_mem_mhz = opt_query(
-      LLM_DVFS_NVML_TRY(api, DeviceGetApplicationsClock, h, NVML_CLOCK_MEM, &v), v, fn);
-  s.power_limit_mw = opt_query(LLM_DVFS_NVML_TRY(api, DeviceGetPowerManagementLimit, h, &v), v,
-                               api.name(NvmlSym::DeviceGetPowerManagementLimit));
-  s.power_limit_default_mw =
-      opt_query(LLM_DVFS_NVML_TRY(api, DeviceGetPowerManagementDefaultLimit, h, &v), v,
-                api.name(NvmlSym::DeviceGetPowerManagementDefaultLimit));
+  // Each query runs to completion before its output is read (a function argument list would
+  // leave the order of "call" and "read the value" unspecified).
+  auto query = [&](NvmlSym sym, auto&& call) -> std::optional<unsigned> {
+    unsigned v = 0;
+    const int r = call(&v);
+    return opt_query(r, v, api.name(sym));
+  };
+  auto clock = [&](nvmlClockType_t t) {
+    return query(NvmlSym::DeviceGetClockInfo,
+                 [&](unsigned* v) { return LLM_DVFS_NVML_TRY(api, DeviceGetClockInfo, h, t, v); });
+  };
+  auto app_clock = [&](nvmlClockType_t t) {
+    return query(NvmlSym::DeviceGetApplicationsClock, [&](unsigned* v) {
+      return LLM_DVFS_NVML_TRY(api, DeviceGetApplicationsClock, h, t, v);
+    });
+  };
+  s.sm_mhz = clock(NVML_CLOCK_SM);
+  s.mem_mhz = clock(NVML_CLOCK_MEM);
+  s.graphics_mhz = clock(NVML_CLOCK_GRAPHICS);
+  s.app_sm_mhz = app_clock(NVML_CLOCK_GRAPHICS);
+  s.app_mem_mhz = app_clock(NVML_CLOCK_MEM);
+  s.power_limit_mw = query(NvmlSym::DeviceGetPowerManagementLimit, [&](unsigned* v) {
+    return LLM_DVFS_NVML_TRY(api, DeviceGetPowerManagementLimit, h, v);
+  });
+  s.power_limit_default_mw = query(NvmlSym::DeviceGetPowerManagementDefaultLimit, [&](unsigned* v) {
+    return LLM_DVFS_NVML_TRY(api, DeviceGetPowerManagementDefaultLimit, h, v);
+  });
   unsigned lo = 0, hi = 0;
-  int r = LLM_DVFS_NVML_TRY(api, DeviceGetPowerManagementLimitConstraints, h, &lo, &hi);
+  const int r = LLM_DVFS_NVML_TRY(api, DeviceGetPowerManagementLimitConstraints, h, &lo, &hi);
   if (r == NVML_SUCCESS) {
     s.power_limit_min_mw = lo;
     s.power_limit_max_mw = hi;
   } else if (!is_capability_error(r)) {
     throw_nvml_error(r, api.name(NvmlSym::DeviceGetPowerManagementLimitConstraints));
   }
-  s.power_usage_mw = opt_query(LLM_DVFS_NVML_TRY(api, DeviceGetPowerUsage, h, &v), v,
-                               api.name(NvmlSym::DeviceGetPowerUsage));
-  s.temperature_c =
-      opt_query(LLM_DVFS_NVML_TRY(api, DeviceGetTemperature, h, NVML_TEMPERATURE_GPU, &v), v,
-                api.name(NvmlSym::DeviceGetTemperature));
+  s.power_usage_mw = query(NvmlSym::DeviceGetPowerUsage, [&](unsigned* v) {
+    return LLM_DVFS_NVML_TRY(api, DeviceGetPowerUsage, h, v);
+  });
+  s.temperature_c = query(NvmlSym::DeviceGetTemperature, [&](unsigned* v) {
+    return LLM_DVFS_NVML_TRY(api, DeviceGetTemperature, h, NVML_TEMPERATURE_GPU, v);
+  });
   unsigned long long reasons = 0;
-  s.clock_event_reasons =
-      opt_query<uint64_t>(LLM_DVFS_NVML_TRY(api, DeviceGetCurrentClocksEventReasons, h, &reasons),
-                          reasons, api.name(NvmlSym::DeviceGetCurrentClocksEventReasons));
+  const int rr = LLM_DVFS_NVML_TRY(api, DeviceGetCurrentClocksEventReasons, h, &reasons);
+  s.clock_event_reasons = opt_query<uint64_t>(
+      rr, reasons, api.name(NvmlSym::DeviceGetCurrentClocksEventReasons));
   return s;
 }
 
