@@ -60,8 +60,9 @@
  * State: one file (FAKE_NVML_STATE, default /tmp/fake_nvml_state.<uid>) mmap'ed MAP_SHARED, so
  * every process (and every loaded variant) sees the same GPUs; a robust process-shared mutex
  * guards it (a process killed while holding it does not wedge the others). The file is
- * (re)initialised when missing or of another layout; FAKE_NVML_DEVICES (default 1, max 8),
- * FAKE_NVML_LAG_MS and FAKE_NVML_JITTER_MS are read when it is initialised and by fake_nvml_reset.
+ * (re)initialised when missing or of another layout. FAKE_NVML_LAG_MS and FAKE_NVML_JITTER_MS are
+ * read when it is initialised and by fake_nvml_reset. The device count (max 8) is the caller's
+ * FAKE_NVML_DEVICES at each call, or when unset the value stored at initialisation/reset (1).
  * The environment variable is re-read at every call, so a process follows FAKE_NVML_STATE when a
  * test changes it. nvmlInit/nvmlShutdown are refcounted per process (per loaded library).
  *
@@ -257,7 +258,7 @@ extern "C" {
 #define FAKE_DRIVER_VERSION "580.159.04"
 #define FAKE_NVML_VERSION "12.580.159.04"
 #define FAKE_MAGIC 0x4c4d564e454b4146ULL /* "FAKENVML" */
-#define FAKE_LAYOUT_VERSION 3u
+#define FAKE_LAYOUT_VERSION 4u
 
 /* Canonical NVML functions (one per X-macro member): failure injection, latency and call counts
  * are keyed by these, so both versioned names of one function share them. */
@@ -396,6 +397,8 @@ typedef struct {
   int64_t reset_ns;
   uint32_t ndev;
   int32_t permission;
+  int32_t debug_holder_pid; /* fake_nvml_debug_hold_lock: who holds the mutex (0 = nobody) */
+  int32_t pad1;
   int64_t lag_ns;
   int64_t jitter_ns;
   int32_t fail_code[FN_COUNT];
@@ -406,6 +409,12 @@ typedef struct {
   fake_field_fail_t field_fail[FAKE_MAX_FIELD_FAILS];
   fake_dev_t dev[FAKE_MAX_DEV];
 } fake_shared_t;
+
+/* Devices visible to this process: FAKE_NVML_DEVICES of the caller's environment when set (so a
+ * test may change it at any time; every device's state always exists), else the count stored
+ * when the state was created or reset. */
+static unsigned env_devices(unsigned dflt);
+static unsigned dev_count(const fake_shared_t *sh) { return env_devices(sh->ndev); }
 
 /* ------------------------------------------------------------------------------------------ */
 /* Process-local state                                                                         */
@@ -474,6 +483,12 @@ static double env_double(const char *name, double dflt) {
   double x = strtod(v, &end);
   if (end == v || !isfinite(x)) return dflt;
   return x;
+}
+
+/* FAKE_NVML_DEVICES as a valid count (1..8), else dflt. */
+static unsigned env_devices(unsigned dflt) {
+  double n = env_double("FAKE_NVML_DEVICES", -1.0);
+  return (n >= 1 && n <= FAKE_MAX_DEV && n == floor(n)) ? (unsigned)n : dflt;
 }
 
 static int64_t ms_to_ns(double ms) { return (int64_t)llround(ms * 1e6); }
@@ -779,9 +794,9 @@ static void state_reset(fake_shared_t *sh) {
   if (now < sh->last_now_ns) now = sh->last_now_ns;
   sh->last_now_ns = now;
   sh->reset_ns = now;
-  double ndev = env_double("FAKE_NVML_DEVICES", 1.0);
-  sh->ndev = (ndev >= 1 && ndev <= FAKE_MAX_DEV) ? (uint32_t)ndev : 1u;
+  sh->ndev = env_devices(1u);
   sh->permission = 1;
+  sh->debug_holder_pid = 0;
   sh->lag_ns = clamp_lag_ns(env_double("FAKE_NVML_LAG_MS", 0.0));
   sh->jitter_ns = clamp_jitter_ns(env_double("FAKE_NVML_JITTER_MS", 0.0));
   memset(sh->fail_code, 0, sizeof sh->fail_code);
@@ -866,6 +881,7 @@ static int sh_lock(fake_shared_t *sh) {
   int rc = pthread_mutex_lock(&sh->mu);
   if (rc == EOWNERDEAD) { /* a process died holding it: the state is still usable */
     pthread_mutex_consistent(&sh->mu);
+    __atomic_store_n(&sh->debug_holder_pid, 0, __ATOMIC_RELEASE);
     rc = 0;
   }
   return rc;
@@ -945,7 +961,7 @@ static nvmlReturn_t api_enter(fake_ctx_t *c, int sym, int need_init) {
 static fake_dev_t *dev_of(const fake_ctx_t *c, nvmlDevice_t h) {
   if (!h) return NULL;
   ptrdiff_t i = h - g_handles;
-  if (i < 0 || i >= (ptrdiff_t)c->sh->ndev) return NULL;
+  if (i < 0 || i >= (ptrdiff_t)dev_count(c->sh)) return NULL;
   return &c->sh->dev[i];
 }
 #define GET_DEV(h)                                    \
@@ -1031,7 +1047,7 @@ FAKE_API nvmlReturn_t nvmlSystemGetNVMLVersion(char *version, unsigned int lengt
 static nvmlReturn_t do_get_count(unsigned int *count, int sym) {
   ENTER(sym, 1);
   if (!count) LEAVE(NVML_ERROR_INVALID_ARGUMENT);
-  *count = ctx.sh->ndev;
+  *count = dev_count(ctx.sh);
   LEAVE(NVML_SUCCESS);
 }
 #ifndef FAKE_NVML_MINIMAL
@@ -1045,7 +1061,7 @@ FAKE_API nvmlReturn_t nvmlDeviceGetCount(unsigned int *count) {
 
 static nvmlReturn_t do_get_handle(unsigned int index, nvmlDevice_t *device, int sym) {
   ENTER(sym, 1);
-  if (!device || index >= ctx.sh->ndev) LEAVE(NVML_ERROR_INVALID_ARGUMENT);
+  if (!device || index >= dev_count(ctx.sh)) LEAVE(NVML_ERROR_INVALID_ARGUMENT);
   *device = &g_handles[index];
   LEAVE(NVML_SUCCESS);
 }
@@ -1473,7 +1489,7 @@ FAKE_API nvmlReturn_t nvmlDeviceSetPowerManagementLimit(nvmlDevice_t device, uns
   if (!sh) return NVML_ERROR_UNKNOWN;                \
   (void)now_var;
 #define CTL_DEV(dev)                                 \
-  if ((dev) >= sh->ndev) {                           \
+  if ((dev) >= dev_count(sh)) {                         \
     ctl_leave(sh);                                   \
     return NVML_ERROR_INVALID_ARGUMENT;              \
   }                                                  \
@@ -1488,7 +1504,7 @@ FAKE_API int fake_nvml_reset(void) {
 
 FAKE_API int fake_nvml_device_count(void) {
   CTL_ENTER(now);
-  int n = (int)sh->ndev;
+  int n = (int)dev_count(sh);
   ctl_leave(sh);
   return n;
 }
@@ -1513,7 +1529,7 @@ FAKE_API int fake_nvml_set_trace(unsigned dev, const double *t_s, const double *
 FAKE_API double fake_nvml_trace_start_s(unsigned dev) {
   fake_shared_t *sh = ctl_enter(NULL);
   if (!sh) return NAN;
-  double r = dev < sh->ndev ? (double)sh->dev[dev].trace_start_ns * 1e-9 : NAN;
+  double r = dev < dev_count(sh) ? (double)sh->dev[dev].trace_start_ns * 1e-9 : NAN;
   ctl_leave(sh);
   return r;
 }
@@ -1678,7 +1694,7 @@ FAKE_API double fake_nvml_energy_between(unsigned dev, double t0_realtime_s, dou
   fake_shared_t *sh = ctl_enter(NULL);
   if (!sh) return NAN;
   double r = NAN;
-  if (dev < sh->ndev) {
+  if (dev < dev_count(sh)) {
     const fake_dev_t *d = &sh->dev[dev];
     r = energy_at(d, (int64_t)llround(t1_realtime_s * 1e9)) -
         energy_at(d, (int64_t)llround(t0_realtime_s * 1e9));
@@ -1691,7 +1707,7 @@ FAKE_API double fake_nvml_power_at(unsigned dev, double t_realtime_s) {
   if (!isfinite(t_realtime_s)) return NAN;
   fake_shared_t *sh = ctl_enter(NULL);
   if (!sh) return NAN;
-  double r = dev < sh->ndev ? power_at(&sh->dev[dev], (int64_t)llround(t_realtime_s * 1e9)) : NAN;
+  double r = dev < dev_count(sh) ? power_at(&sh->dev[dev], (int64_t)llround(t_realtime_s * 1e9)) : NAN;
   ctl_leave(sh);
   return r;
 }
@@ -1708,9 +1724,20 @@ FAKE_API const char *fake_nvml_state_path(void) {
 /* Test-only: hold the shared lock for `seconds` (a child killed meanwhile tests robustness). */
 FAKE_API int fake_nvml_debug_hold_lock(double seconds) {
   CTL_ENTER(now);
+  __atomic_store_n(&sh->debug_holder_pid, (int32_t)getpid(), __ATOMIC_RELEASE);
   if (seconds > 0 && seconds < 60) sleep_us((uint64_t)(seconds * 1e6));
+  __atomic_store_n(&sh->debug_holder_pid, 0, __ATOMIC_RELEASE);
   ctl_leave(sh);
   return 0;
+}
+
+/* Test-only: pid inside fake_nvml_debug_hold_lock now (read without taking the mutex). */
+FAKE_API int fake_nvml_debug_lock_holder(void) {
+  fake_shared_t *sh = map_acquire();
+  if (!sh) return -1;
+  int pid = __atomic_load_n(&sh->debug_holder_pid, __ATOMIC_ACQUIRE);
+  map_release();
+  return pid;
 }
 
 #ifdef __cplusplus

@@ -1,0 +1,163 @@
+"""Shared pytest machinery: the emulated GPU (tests/fakes), markers, and the clock-change guard.
+
+Fixtures
+    fake_nvml_lib          session: path of the built full emulator (libfake_nvml.so)
+    fake_nvml_variant      session: ``fake_nvml_variant("minimal"|"no_required"|"full") -> Path``
+    fake_nvml_minimal_lib, fake_nvml_no_required_lib   session: paths of those variants
+    fake_gpu               function: a fresh emulated GPU for this test, as a FakeGpu
+                           (tests/fakes/fake_gpu.py); the environment points the package at it
+    no_nvml_driver         function: LLM_DVFS_NVML_LIBRARY names a missing file ("no driver")
+
+Markers
+    @pytest.mark.fake_gpu(devices=1, variant="full", lag_ms=0, jitter_ms=0,
+                          cuda_visible_devices=None)   options of the fake_gpu fixture
+    @pytest.mark.changes_clocks   the test changes clocks / power limits: it gets fake_gpu and
+                                  is skipped unless NVML is provably the emulator
+    @pytest.mark.gpu              needs a real NVIDIA driver (skipped without one)
+
+Helper
+    assert_emulated_nvml()        call before any clock change in a test: skips the test
+                                  unless the package's NVML is the emulator (fail closed)
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:  # `from fakes.fake_gpu import ...` in tests and here
+    sys.path.insert(0, str(TESTS_DIR))
+
+from fakes.fake_gpu import FakeGpu, _build_module, assert_emulated_nvml  # noqa: E402
+
+__all__ = ["FakeGpu", "assert_emulated_nvml"]
+
+_FAKE_GPU_OPTIONS = {"devices", "variant", "lag_ms", "jitter_ms", "cuda_visible_devices"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for line in (
+        "gpu: needs a real NVIDIA GPU and driver (skipped where there is none)",
+        "native: exercises the C++ core (run again under sanitizers in CI)",
+        "slow: takes more than a few seconds",
+        "fake_gpu(devices=1, variant='full', lag_ms=0, jitter_ms=0, cuda_visible_devices=None): "
+        "options of the fake_gpu fixture",
+        "changes_clocks: changes GPU clocks or power limits; runs only against the emulated GPU",
+    ):
+        config.addinivalue_line("markers", line)
+
+
+def _real_driver_present() -> bool:
+    """A loaded NVIDIA kernel driver (checked without loading NVML into the test process)."""
+    if os.environ.get("LLM_DVFS_TEST_GPU") == "0":
+        return False
+    return Path("/proc/driver/nvidia/version").exists()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _real_driver_present():
+        return
+    skip = pytest.mark.skip(reason="needs a real NVIDIA GPU and driver (none here)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+# -- building the emulator ----------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def fake_nvml_variant() -> Callable[[str], Path]:
+    """``fake_nvml_variant(variant) -> Path`` of the compiled emulator (built once, cached on disk
+    by source mtime in $FAKE_NVML_BUILD_DIR or tests/fakes/build). Skips without a C compiler."""
+    build = _build_module()
+    built: dict[str, Path] = {}
+
+    def get(variant: str = "full") -> Path:
+        if variant not in built:
+            try:
+                built[variant] = build.build_fake(variant)
+            except build.FakeBuildError as e:
+                if "not found" in str(e):
+                    pytest.skip(str(e))
+                raise
+        return built[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def fake_nvml_lib(fake_nvml_variant) -> Path:
+    """Path of the full emulated NVML library."""
+    return fake_nvml_variant("full")
+
+
+@pytest.fixture(scope="session")
+def fake_nvml_minimal_lib(fake_nvml_variant) -> Path:
+    """Variant with only fallback names and no buffer / energy counter / field values."""
+    return fake_nvml_variant("minimal")
+
+
+@pytest.fixture(scope="session")
+def fake_nvml_no_required_lib(fake_nvml_variant) -> Path:
+    """Variant lacking nvmlDeviceGetName (a required symbol)."""
+    return fake_nvml_variant("no_required")
+
+
+# -- the emulated GPU of one test ---------------------------------------------------------------
+@pytest.fixture
+def fake_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+             fake_nvml_variant) -> FakeGpu:
+    """A fresh emulated H100 (or several) for this test.
+
+    Sets, for this test only: LLM_DVFS_NVML_LIBRARY (the emulator), FAKE_NVML_STATE (a file in
+    tmp_path, so child processes see the same GPU), FAKE_NVML_DEVICES, FAKE_NVML_LAG_MS /
+    FAKE_NVML_JITTER_MS, and CUDA_VISIBLE_DEVICES (removed unless the marker gives one, so the
+    host's setting cannot hide the fake devices). Resets the state and checks the guard.
+    Options: ``@pytest.mark.fake_gpu(devices=2, variant="minimal", lag_ms=25, jitter_ms=3)``.
+    """
+    marker = request.node.get_closest_marker("fake_gpu")
+    opts = dict(marker.kwargs) if marker else {}
+    unknown = set(opts) - _FAKE_GPU_OPTIONS
+    if unknown:
+        raise pytest.UsageError(f"unknown fake_gpu marker option(s) {sorted(unknown)}; "
+                                f"known: {sorted(_FAKE_GPU_OPTIONS)}")
+    variant = opts.get("variant", "full")
+    lib = fake_nvml_variant(variant)
+    state = tmp_path / "fake_nvml.state"
+    monkeypatch.setenv("LLM_DVFS_NVML_LIBRARY", str(lib))
+    monkeypatch.setenv("FAKE_NVML_STATE", str(state))
+    monkeypatch.setenv("FAKE_NVML_DEVICES", str(int(opts.get("devices", 1))))
+    for var, key in (("FAKE_NVML_LAG_MS", "lag_ms"), ("FAKE_NVML_JITTER_MS", "jitter_ms")):
+        if opts.get(key):
+            monkeypatch.setenv(var, str(float(opts[key])))
+        else:
+            monkeypatch.delenv(var, raising=False)
+    cvd = opts.get("cuda_visible_devices")
+    if cvd is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", str(cvd))
+    gpu = FakeGpu(lib, state, variant)
+    gpu.reset()
+    assert_emulated_nvml()
+    return gpu
+
+
+@pytest.fixture
+def no_nvml_driver(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Make NVML unloadable for this test (as on a machine without the NVIDIA driver)."""
+    missing = tmp_path / "no-driver" / "libnvidia-ml.so.1"
+    monkeypatch.setenv("LLM_DVFS_NVML_LIBRARY", str(missing))
+    return missing
+
+
+@pytest.fixture(autouse=True)
+def _changes_clocks_guard(request: pytest.FixtureRequest) -> None:
+    """Tests marked changes_clocks always run on the emulator, or not at all."""
+    if request.node.get_closest_marker("changes_clocks") is None:
+        return
+    request.getfixturevalue("fake_gpu")
+    assert_emulated_nvml()
