@@ -19,6 +19,8 @@ Importing this module does not import torch or transformers; :func:`load_model` 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -171,23 +173,76 @@ def _corpus_digest(docs: list[str]) -> str:
     return h.hexdigest()[:12]
 
 
-def offline_tokenizer_path(vocab_size: int) -> Path:
-    """Where the offline tokenizer for ``vocab_size`` is (or will be) cached."""
+def offline_tokenizer_path() -> Path:
+    """Where the offline tokenizer (its full, uncapped vocabulary) is or will be cached."""
     docs = textgen.tokenizer_corpus()
-    return cache_dir() / "tokenizers" / f"bpe-en-{_corpus_digest(docs)}-{int(vocab_size)}.json"
+    return cache_dir() / "tokenizers" / f"bpe-en-{_corpus_digest(docs)}.json"
+
+
+def _train_full_tokenizer(use_cache: bool):
+    """The BPE trained to exhaustion on the corpus (every merge seen at least twice)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    docs = textgen.tokenizer_corpus()
+    path = cache_dir() / "tokenizers" / f"bpe-en-{_corpus_digest(docs)}.json"
+    if use_cache and path.is_file():
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception:  # a corrupt cache file is rebuilt below
+            pass
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1 << 20, min_frequency=2, show_progress=False,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(docs, trainer)
+    if use_cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            os.close(fd)
+            try:
+                tok.save(tmp)
+                os.replace(tmp, path)  # atomic: concurrent builders never see half a file
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except OSError:
+            pass  # read-only cache: still usable, just rebuilt next time
+    return tok
+
+
+def _truncate_bpe(tok, vocab_size: int):
+    """The BPE with only its first ``vocab_size`` ids. Identical to training with that
+    ``vocab_size`` (the trainer assigns ids in merge order), and milliseconds instead of a second."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    vocab = {t: i for t, i in spec["model"]["vocab"].items() if i < vocab_size}
+    merges = []
+    for m in spec["model"]["merges"]:
+        a, b = m if isinstance(m, list) else m.split(" ", 1)
+        if a + b in vocab:
+            merges.append(m)
+    spec["model"]["vocab"], spec["model"]["merges"] = vocab, merges
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < vocab_size]
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def build_offline_tokenizer(vocab_size: int, *, use_cache: bool = True):
     """A byte-level BPE tokenizer for English, trained on the shipped corpus (offline).
 
     The vocabulary has at most ``vocab_size`` entries (including the special tokens
-    ``<|endoftext|>``, used as EOS and BOS, and ``<|pad|>``), fewer when the ~260 KB corpus
-    supports fewer merges (pairs must occur at least twice). Any byte string is encodable.
-    No BOS token is prepended. Training takes about a second; the result is cached at
-    :func:`offline_tokenizer_path` and reused (written atomically, so concurrent builders are safe).
+    ``<|endoftext|>``, used as EOS and BOS, and ``<|pad|>``), fewer when the corpus supports
+    fewer merges (pairs must occur at least twice; about 18k entries). Any byte string is
+    encodable. No BOS token is prepended. The full tokenizer is trained once (about a second) and
+    cached at :func:`offline_tokenizer_path`; smaller vocabularies are cut from it.
 
-    Token counts for English are in the range of real 32k–128k BPE vocabularies (about 1.2–1.6
-    tokens per word) but not identical to any real model's tokenizer.
+    Token counts for English are realistic but not identical to any real model's tokenizer: about
+    1.1–1.2 tokens per word on the synthetic task's text, 1.2–1.8 on other English (real 32k–128k
+    vocabularies: about 1.2–1.5), more for rare words, names and non-English text.
 
     Returns:
         ``transformers.PreTrainedTokenizerFast`` with eos/bos/pad set, ``padding_side="left"``.
@@ -197,36 +252,11 @@ def build_offline_tokenizer(vocab_size: int, *, use_cache: bool = True):
     """
     if vocab_size < 300:
         raise ConfigError(f"offline tokenizer needs vocab_size >= 300, got {vocab_size}")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    docs = textgen.tokenizer_corpus()
-    path = cache_dir() / "tokenizers" / f"bpe-en-{_corpus_digest(docs)}-{int(vocab_size)}.json"
-    tok = None
-    if use_cache and path.is_file():
-        try:
-            tok = Tokenizer.from_file(str(path))
-        except Exception:  # corrupt cache file: rebuild below
-            tok = None
-    if tok is None:
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=int(vocab_size), min_frequency=2, show_progress=False,
-            special_tokens=[EOS_TOKEN, PAD_TOKEN],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(docs, trainer)
-        if use_cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-            os.close(fd)
-            try:
-                tok.save(tmp)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+    tok = _train_full_tokenizer(use_cache)
+    if vocab_size < tok.get_vocab_size():
+        tok = _truncate_bpe(tok, int(vocab_size))
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
                                  pad_token=PAD_TOKEN, padding_side="left")
     hf.name_or_path = f"llm_dvfs-offline-bpe-{len(hf)}"
@@ -392,7 +422,7 @@ def _build_arch(ms: ModelSpec, torch_dtype: str, device: str, seed: int, tokeniz
         tok = _load_tokenizer(os.fspath(tokenizer), revision, trust_remote_code)
         tok_source = os.fspath(tokenizer)
     else:
-        tok = build_offline_tokenizer(min(config.vocab_size, 1 << 17))
+        tok = build_offline_tokenizer(config.vocab_size)
         tok_source = "offline-bpe"
     if len(tok) > config.vocab_size:
         raise ConfigError(f"tokenizer {tok_source!r} has {len(tok)} tokens but {ms.raw} has a "
@@ -417,7 +447,7 @@ def _build_arch(ms: ModelSpec, torch_dtype: str, device: str, seed: int, tokeniz
         torch.manual_seed(seed)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, **kwargs)
-    model.eval()
+    model.eval().requires_grad_(False)  # inference only: no autograd bookkeeping
     gc = getattr(model, "generation_config", None)
     if gc is not None:
         gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = \
@@ -433,14 +463,21 @@ def _load_pretrained(ms: ModelSpec, torch_dtype: str, device, device_map, revisi
                      trust_remote_code, tokenizer, attn_implementation) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
+    move_to = None
     if device_map is None:
-        device_map = _parse_device(device)
-        if device_map == "meta":
+        dev = _parse_device(device)
+        if dev == "meta":
             raise ConfigError("device='meta' is only for arch: models")
+        if importlib.util.find_spec("accelerate") is not None:
+            device_map = dev  # weights are loaded straight onto the device
+        else:
+            move_to = dev     # transformers needs accelerate for device_map; load, then move
     tok_src = os.fspath(tokenizer) if tokenizer is not None else ms.target
     tok = _load_tokenizer(tok_src, revision if tokenizer is None else None, trust_remote_code)
     kwargs: dict[str, Any] = {"revision": revision, "dtype": torch_dtype,
-                              "device_map": device_map, "trust_remote_code": trust_remote_code}
+                              "trust_remote_code": trust_remote_code}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -448,7 +485,14 @@ def _load_pretrained(ms: ModelSpec, torch_dtype: str, device, device_map, revisi
     except OSError as e:
         raise DataNotFound(f"model {ms.target!r} could not be loaded ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); " + _hub_hint(ms.target)) from e
-    model.eval()
+    except ValueError as e:
+        if "accelerate" in str(e):
+            raise ConfigError(f"device_map={device_map!r} needs the accelerate package "
+                              "(pip install accelerate), or pass device='cuda:N' instead") from e
+        raise
+    if move_to is not None:
+        model.to(move_to)
+    model.eval().requires_grad_(False)
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     p = next(model.parameters())

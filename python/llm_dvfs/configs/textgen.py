@@ -66,8 +66,22 @@ def _third(v: str) -> str:
     return v + "s"
 
 
+_IRREGULAR_PLURALS = {
+    "man": "men", "woman": "women", "child": "children", "person": "people", "people": "people",
+    "foot": "feet", "tooth": "teeth", "mouse": "mice", "sheep": "sheep", "fish": "fish",
+    "deer": "deer", "life": "lives", "wife": "wives", "knife": "knives", "leaf": "leaves",
+    "wolf": "wolves", "shelf": "shelves", "thief": "thieves", "half": "halves", "self": "selves",
+    "criteria": "criteria", "data": "data", "phenomenon": "phenomena", "thesis": "theses",
+    "analysis": "analyses", "crisis": "crises", "diagnosis": "diagnoses", "hypothesis": "hypotheses",
+    "species": "species", "series": "series", "news": "news", "police": "police", "cattle": "cattle",
+    "hero": "heroes", "potato": "potatoes", "tomato": "tomatoes", "volcano": "volcanoes",
+}
+
+
 def plural(n: str) -> str:
-    """English plural of a noun by the regular rules (good enough for generated text)."""
+    """English plural of a noun (regular rules plus the common irregular ones)."""
+    if n in _IRREGULAR_PLURALS:
+        return _IRREGULAR_PLURALS[n]
     if n.endswith(("s", "sh", "ch", "x", "z")):
         return n + "es"
     if n.endswith("y") and n[-2:-1] not in ("a", "e", "i", "o", "u"):
@@ -236,7 +250,8 @@ class _SentenceMaker:
             intro[-1] += ","
             words = intro + self.clause()
         elif k < 0.8:
-            words = ["did"] + self.noun_phrase() + [self.verb(0)] + self.noun_phrase()
+            base = self.verb(0)
+            words = ["did"] + self.noun_phrase() + [base if base != "be" else "see"] + self.noun_phrase()
             words[-1] += "?"
         elif k < 0.88:
             words = ["there", rng.choice(["are", "were"])] + self.number()[:1] + \
@@ -345,6 +360,11 @@ def _glossary() -> list[str]:
 
 
 def tokenizer_corpus() -> list[str]:
+    return list(_tokenizer_corpus())
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_corpus() -> tuple[str, ...]:
     """Documents the offline BPE tokenizer is trained on (deterministic, ~300 KB of text).
 
     The hand-written passages (twice, so their words win merges like common English does) plus
@@ -358,4 +378,4 @@ def tokenizer_corpus() -> list[str]:
         text, _ = generate_text(rng, rng.randint(60, 160), entity_density=rng.choice((0.0, 0.05, 0.15)),
                                 digit_rate=rng.choice((0.0, 0.05, 0.2)), zipf_s=0.3)
         docs.append(text)
-    return docs
+    return tuple(docs)
