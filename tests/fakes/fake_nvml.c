@@ -608,18 +608,25 @@ static void recompute_from(fake_dev_t *d, unsigned i) {
   }
 }
 
-/* Drop segments older than the horizon (30 s, or 5 s when that is not enough). */
+static void seg_drop_oldest(fake_dev_t *d, int k) {
+  if (k <= 0) return;
+  memmove(&d->seg[0], &d->seg[k], (size_t)(d->nseg - (unsigned)k) * sizeof(fake_seg_t));
+  d->nseg -= (unsigned)k;
+  d->seg_pruned = 1;
+}
+
+/* Drop segments older than the horizon (30 s, or 5 s when that is not enough). Under a
+ * pathological event rate (> ~3000 changes/s) keep only the newest half: the energy counter stays
+ * exact (energies are cumulative), only the oldest buffer samples may then read a later power. */
 static void seg_prune(fake_dev_t *d, int64_t now) {
   const int64_t horizons[2] = {FAKE_HORIZON_NS, FAKE_MIN_HORIZON_NS};
   for (int h = 0; h < 2; ++h) {
-    int k = seg_find(d, now - horizons[h]);
-    if (k > 0) {
-      memmove(&d->seg[0], &d->seg[k], (size_t)(d->nseg - (unsigned)k) * sizeof(fake_seg_t));
-      d->nseg -= (unsigned)k;
-      d->seg_pruned = 1;
-    }
+    seg_drop_oldest(d, seg_find(d, now - horizons[h]));
     if (d->nseg < FAKE_SEG_CAP * 3 / 4) return;
   }
+  int k = (int)d->nseg - FAKE_SEG_CAP / 2;
+  int in_force = seg_find(d, now);
+  seg_drop_oldest(d, k < in_force ? k : in_force);
 }
 
 /* Index of a segment starting exactly at now (inserted if needed, copying the one in force);
