@@ -68,6 +68,10 @@ void PowerSampler::start() {
   nvml_ = std::move(session);
   devs_ = std::move(devs);
   update_offset();
+  // One counter read before any window can open, so the first window's start is bracketed.
+  // This thread is the ring's producer until the sampler thread starts (thread creation
+  // orders these pushes before the sampler's).
+  read_counters();
   {
     std::lock_guard<std::mutex> l(mu_);
     stop_requested_ = false;
