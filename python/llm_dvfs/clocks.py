@@ -268,6 +268,9 @@ class _Guard:
         self._wfd: Optional[int] = None
         self._pid = os.getpid()
         self._hooks = False
+        # Held while anything is dirty: restores then go to the very library the changes went
+        # to, even if LLM_DVFS_NVML_LIBRARY changed meanwhile (tests switch it between cases).
+        self._session: Any = None
         os.register_at_fork(after_in_child=self._after_fork_child)
 
     # -- state --
@@ -308,6 +311,10 @@ class _Guard:
         Starts the watchdog on first use and hands it the new snapshot before returning.
         """
         with self._lock:
+            if os.getpid() != self._pid:  # a forked child never owns the parent's changes
+                self._after_fork_child()
+            if self._session is None:
+                self._session = _core().Session()
             e = self._entry(nvml_index)
             newly = component not in e["dirty"]
             e["dirty"].add(component)
@@ -317,8 +324,22 @@ class _Guard:
             except BaseException:
                 if newly:
                     e["dirty"].discard(component)
+                self._forget_if_clean(nvml_index)
+                self._release_if_clean()
                 raise
             return newly
+
+    def _forget_if_clean(self, nvml_index: int) -> None:
+        # A device back as found is forgotten: the next change captures the settings afresh
+        # (someone else may change them in between).
+        e = self._entries.get(nvml_index)
+        if e is not None and not e["dirty"]:
+            del self._entries[nvml_index]
+
+    def _release_if_clean(self) -> None:
+        if self._session is not None and not any(e["dirty"] for e in self._entries.values()):
+            session, self._session = self._session, None
+            session.close()
 
     def unmark(self, nvml_index: int, component: str) -> None:
         """The change marked by :meth:`mark` did not happen (the setter failed)."""
@@ -326,7 +347,9 @@ class _Guard:
             e = self._entries.get(nvml_index)
             if e and component in e["dirty"]:
                 e["dirty"].discard(component)
+                self._forget_if_clean(nvml_index)
                 self._send()
+            self._release_if_clean()
 
     def restore(self, nvml_index: int, components: Optional[Sequence[str]] = None) -> dict[str, str]:
         """Restore dirty components of a device (all when None); component -> outcome.
@@ -344,7 +367,9 @@ class _Guard:
             for comp, res in out.items():
                 if res == "ok":
                     e["dirty"].discard(comp)
+            self._forget_if_clean(nvml_index)
             self._send()
+            self._release_if_clean()
             return out
 
     def restore_all(self, why: str = "") -> dict[int, dict[str, str]]:
@@ -367,8 +392,6 @@ class _Guard:
             return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     def _ensure_watchdog(self) -> None:
-        if os.getpid() != self._pid:  # a forked child never owns the parent's changes
-            self._after_fork_child()
         if self._proc is not None and self._proc.poll() is None and self._wfd is not None:
             return
         if self._wfd is not None:
@@ -441,6 +464,9 @@ class _Guard:
         self._entries = {}
         self._pid = os.getpid()
         self._lock = threading.RLock()
+        if self._session is not None:
+            _forked_sessions.append(self._session)  # never shut NVML down from a forked child
+            self._session = None
 
     # -- owner-side hooks --
     def _install_hooks(self) -> None:
@@ -475,6 +501,10 @@ class _Guard:
         if os.getpid() != self._pid:
             return
         self.restore_all(why="process exit")
+        self.close_watchdog()
+
+    def close_watchdog(self, timeout_s: float = 5.0) -> None:
+        """Close the pipe (the watchdog restores whatever is still dirty and exits) and wait."""
         with self._lock:
             if self._wfd is not None:
                 os.close(self._wfd)  # EOF: the watchdog restores whatever is still dirty, exits
@@ -482,9 +512,12 @@ class _Guard:
             proc, self._proc = self._proc, None
         if proc is not None:
             try:
-                proc.wait(timeout=5.0)
+                proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 pass
+
+
+_forked_sessions: list[Any] = []
 
 
 _guard_instance: Optional[_Guard] = None
@@ -497,6 +530,25 @@ def _guard() -> _Guard:
         if _guard_instance is None:
             _guard_instance = _Guard()
         return _guard_instance
+
+
+def restore_all() -> dict[int, dict[str, str]]:
+    """Restore everything this process changed on any GPU (what the exit handlers do).
+
+    Returns nvml index -> component -> outcome. The watchdog keeps running for later changes.
+    """
+    return _guard().restore_all()
+
+
+def _shutdown() -> dict[int, dict[str, str]]:
+    """Restore everything, stop the watchdog and forget the found settings (tests use this to
+    leave nothing behind between cases)."""
+    g = _guard()
+    out = g.restore_all()
+    g.close_watchdog()
+    with g._lock:
+        g._entries = {k: v for k, v in g._entries.items() if v["dirty"]}  # failures stay guarded
+    return out
 
 
 # ---- the controller -------------------------------------------------------------------------
@@ -1065,7 +1117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         if cmd == "state":
-            reports = [_device_report(d) for d in _select(devs, args.device)]
+            reports = [_device_report(d) for d in _select(devs, getattr(args, "device", "all"))]
             if as_json:
                 print(json.dumps({"devices": reports, "error": None}, indent=2))
             else:
