@@ -1,0 +1,244 @@
+"""``python -m llm_dvfs.run``: the sweep over models × tasks × clock points × batch sizes.
+
+With no arguments it runs the embedded default (a small ``arch:`` model with random weights on
+the synthetic task; on the GPU if there is one, else on the CPU without energy), in about a
+minute, and prints where the results are and how to read them. See ``--help`` and docs/sweep.md.
+
+Exit status: 0 done; 2 bad input (config, model, task, clock, output directory, busy GPU with
+``--on-busy-gpu refuse``), nothing written; 1 a failure during the run (finished cells are kept:
+``--resume DIR``); 130 interrupted (Ctrl-C; clocks restored; resumable).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from typing import Any, Optional, Sequence
+
+from . import errors
+
+EXAMPLES = """\
+examples:
+  python -m llm_dvfs.run
+      the embedded default: a small arch: model on the synthetic task, ~1 minute
+  python -m llm_dvfs.run --models arch:llama-3.2-1b,arch:gpt-neo-2.7b --batch-sizes 1,8 \\
+      --samples 50 --dtype bfloat16 --out runs/observe
+      observe mode: the GPU's clocks as found, nothing changed
+  sudo -E python -m llm_dvfs.run --models arch:llama-3.2-1b --clocks 1980,1500,1200 \\
+      --allow-clock-changes --out runs/dvfs
+      three SM clock points (restored afterwards, also after a crash)
+  python -m llm_dvfs.run --clocks 600:1980:120 --mem-clocks all --allow-clock-changes
+  python -m llm_dvfs.run --clocks all --power-limits 700,500 --allow-clock-changes
+  python -m llm_dvfs.run --tasks 'boolq:file=dev.jsonl,question=q,passage=p,answer=a' \\
+      --models ./my-checkpoint --max-new-tokens 8
+  python -m llm_dvfs.run --config sweep.toml          (keys = the long option names)
+  python -m llm_dvfs.run --resume runs/dvfs --allow-clock-changes
+      continue an interrupted run: finished cells are kept, the rest is run
+  python -m llm_dvfs.run --dry-run --config sweep.toml  validate and show the plan only
+
+config file (TOML; YAML and JSON work the same, a [sweep] table is optional):
+  models = ["arch:llama-3.2-1b", "meta-llama/Llama-3.2-1B"]
+  tasks = ["synthetic", "boolq:file=data/boolq.jsonl"]
+  clocks = "1980,1500,1200"          # or "all", "600:1980", "600:1980:120", [1980, 1500]
+  batch_sizes = [1, 8]
+  samples = 50
+  max_new_tokens = 64
+  fixed_output_length = true
+  dtype = "bfloat16"
+  out = "runs/llama-dvfs"
+
+clock points other than the GPU as found need --allow-clock-changes (and root); without it the
+sweep runs in observe mode and says so. Results: DIR/requests.parquet (one row per request),
+tokens.parquet, power.parquet, requests.csv, summary.csv, manifest.json; read them with
+`python -m llm_dvfs.report DIR`.
+
+exit status: 0 done, 2 bad input (nothing written), 1 failure during the run (resumable),
+130 interrupted (resumable)."""
+
+# (flag, config key, metavar / action, help) — help texts come from sweep.FIELD_HELP
+_VALUE_FLAGS = [
+    ("--models", "models", "SPEC[,SPEC...]"),
+    ("--tasks", "tasks", "TASK[,TASK...]"),
+    ("--clocks", "clocks", "MHZ"),
+    ("--mem-clocks", "mem_clocks", "MHZ"),
+    ("--power-limits", "power_limits", "W[,W...]"),
+    ("--batch-sizes", "batch_sizes", "N[,N...]"),
+    ("--repeats", "repeats", "N"),
+    ("--samples", "samples", "N"),
+    ("--max-new-tokens", "max_new_tokens", "N"),
+    ("--dtype", "dtype", "DTYPE"),
+    ("--decoding", "decoding", "greedy|sampled"),
+    ("--temperature", "temperature", "T"),
+    ("--top-p", "top_p", "P"),
+    ("--seed", "seed", "N"),
+    ("--warmup", "warmup", "N"),
+    ("--idle-s", "idle_s", "S"),
+    ("--settle-tolerance-mhz", "settle_tolerance_mhz", "MHZ"),
+    ("--ner", "ner", "auto|nltk|fallback|off"),
+    ("--out", "out", "DIR"),
+    ("--device", "device", "DEV"),
+    ("--gpu", "gpu", "N|auto|none"),
+    ("--on-busy-gpu", "on_busy_gpu", "warn|refuse"),
+]
+_SWITCH_FLAGS = [
+    ("--fixed-output-length", "fixed_output_length"),
+    ("--allow-clock-changes", "allow_clock_changes"),
+]
+#: Flags that may accompany the embedded default (they do not describe the grid).
+_EMBEDDED_OK = {"out", "device", "gpu", "on_busy_gpu", "allow_clock_changes"}
+_ALIASES = {"models": ["--model", "-m"], "tasks": ["--task", "-t"], "out": ["-o"],
+            "batch_sizes": ["--batch-size"]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .sweep import FIELD_HELP
+
+    p = argparse.ArgumentParser(
+        prog="python -m llm_dvfs.run",
+        description="Measure energy, latency and quality of LLM inference over models x tasks x GPU "
+                    "clock points x batch sizes, and write a run directory (resumable). Settings "
+                    "come from --config and flags (flags win); with no arguments an embedded "
+                    "default runs in about a minute.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", metavar="FILE", help="TOML, YAML or JSON file with any of the "
+                   "settings below (keys are the long option names, with _ or -)")
+    g = p.add_argument_group("grid and generation")
+    for flag, key, metavar in _VALUE_FLAGS:
+        g.add_argument(flag, *_ALIASES.get(key, []), dest=key, metavar=metavar, default=None,
+                       help=FIELD_HELP[key])
+    for flag, key in _SWITCH_FLAGS:
+        g.add_argument(flag, dest=key, action="store_const", const=True, default=None, help=FIELD_HELP[key])
+    r = p.add_argument_group("run control")
+    r.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (its manifest "
+                   "holds the settings; finished cells are kept)")
+    r.add_argument("--dry-run", action="store_true", help="validate everything and print the plan; "
+                   "run nothing, write nothing")
+    v = r.add_mutually_exclusive_group()
+    v.add_argument("--quiet", "-q", action="store_true", help="warnings and the summary only; no progress bars")
+    v.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    return p
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not break the progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            try:
+                from tqdm import tqdm
+                tqdm.write(msg, file=sys.stderr)
+            except ImportError:  # pragma: no cover
+                print(msg, file=sys.stderr)
+        except Exception:  # noqa: BLE001
+            self.handleError(record)
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> logging.Handler:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    h = _TqdmHandler()
+    h.setLevel(level)
+    h.setFormatter(logging.Formatter("llm_dvfs: %(message)s" if not verbose
+                                     else "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("llm_dvfs", "py.warnings"):
+        lg = logging.getLogger(name)
+        lg.addHandler(h)
+        lg.setLevel(logging.DEBUG)
+        lg.propagate = False
+    logging.captureWarnings(True)
+    return h
+
+
+def _teardown_logging(h: logging.Handler) -> None:
+    for name in ("llm_dvfs", "py.warnings"):
+        logging.getLogger(name).removeHandler(h)
+    logging.captureWarnings(False)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    keys = [k for _, k, _ in _VALUE_FLAGS] + [k for _, k in _SWITCH_FLAGS]
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the exit status (see the module docstring)."""
+    from . import sweep
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = _setup_logging(args.quiet, args.verbose)
+    log = logging.getLogger("llm_dvfs.run")
+    try:
+        overrides = _overrides(args)
+        try:
+            if args.resume:
+                if args.config:
+                    raise errors.ConfigError("--resume takes the settings from the run's manifest; "
+                                             "don't pass --config")
+                cfg = sweep.resume_config(args.resume, overrides)
+                plan = sweep.prepare(cfg, resume=args.resume)
+            else:
+                if args.config is None and not (set(overrides) - _EMBEDDED_OK):
+                    # nothing about the grid was said: the embedded default
+                    overrides = {**sweep.embedded_default(overrides.get("device", "auto")), **overrides}
+                    log.info("no grid given: running the embedded default (a small arch: model with "
+                             "random weights on the synthetic task); see --help for the options")
+                cfg = sweep.load_config(args.config, overrides)
+                plan = sweep.prepare(cfg)
+        except (errors.ConfigError, errors.DataNotFound, sweep.GpuBusy, errors.ClockChangeNotAllowed) as e:
+            print(f"llm_dvfs.run: error: {e}", file=sys.stderr)
+            return 2
+        for line in plan.describe().splitlines():
+            log.info("%s", line)
+        if args.dry_run:
+            for n in plan.notes:
+                log.warning("%s", n)
+            print(plan.describe())
+            print("dry run: nothing was run or written")
+            return 0
+        try:
+            res = sweep.execute(plan, argv=["python", "-m", "llm_dvfs.run", *(argv if argv is not None else sys.argv[1:])],
+                                quiet=args.quiet)
+        except KeyboardInterrupt:
+            print(f"\nllm_dvfs.run: interrupted; finished cells are in {plan.out}. Continue with:\n"
+                  f"  python -m llm_dvfs.run --resume {plan.out}"
+                  + (" --allow-clock-changes" if plan.mode == "sweep" else ""), file=sys.stderr)
+            return 130
+        except (errors.ConfigError, errors.DataNotFound) as e:
+            print(f"llm_dvfs.run: error: {e}", file=sys.stderr)
+            return 2
+        except errors.LlmDvfsError as e:
+            print(f"llm_dvfs.run: error during the run: {type(e).__name__}: {e}\nFinished cells are kept; "
+                  f"continue with: python -m llm_dvfs.run --resume {plan.out}", file=sys.stderr)
+            return 1
+        _print_result(res, plan)
+        return 0 if res.status == "complete" else 1
+    finally:
+        _teardown_logging(handler)
+
+
+def _print_result(res: Any, plan: Any) -> None:
+    out = res.out
+    print()
+    print(f"llm_dvfs sweep {res.status}: {len(res.requests)} requests, {res.cells_run} cell(s) run"
+          + (f", {res.cells_skipped} already done" if res.cells_skipped else "") + f"; mode: {plan.mode}")
+    for n in res.notes:
+        print(f"note: {n}")
+    print()
+    print("Summary (medians per model x task x batch size x clock point; dE/dLat vs the highest clock):")
+    print(res.summary_text)
+    print()
+    if not plan.energy_available:
+        print("Energy columns are empty: no NVIDIA driver/GPU was measured (time, tokens and "
+              "features only).")
+    print(f"Results are in {out}/:")
+    print("  requests.parquet (one row per request; requests.csv is a copy), tokens.parquet,")
+    print("  power.parquet (raw power trace), summary.csv, manifest.json (config, versions), run.log")
+    print("Read them with:")
+    print(f"  python -m llm_dvfs.report {out}")
+    print("or in Python: pandas.read_parquet('" + str(out / "requests.parquet") + "')")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

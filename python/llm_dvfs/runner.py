@@ -1,0 +1,527 @@
+"""Runner: one task's requests through Hugging Face ``generate``, measured, as result rows.
+
+This is the only module of the sweep that knows ``transformers``. It takes a loaded model
+(:class:`llm_dvfs.models.LoadedModel`), a task's samples and a :class:`~llm_dvfs.monitor.PowerMonitor`
+and returns one row per request in the ``requests`` schema of :mod:`llm_dvfs.results`, plus the
+``tokens`` rows. It neither changes clocks nor writes files (that is :mod:`llm_dvfs.sweep`).
+
+Per batch of ``batch_size`` requests (prompts padded on the left, ``batch_index`` recorded):
+
+1. ``torch.cuda.synchronize`` (no earlier work leaks into the window), open a monitor window;
+2. ``model.generate`` with the decoding settings of :class:`GenerationSettings`, with a
+   :class:`~llm_dvfs.timeline.TokenTimer` marking the start, the end of every step (the first
+   ends the prefill) and the end;
+3. synchronize again, close the window;
+4. outside the window: decode the outputs and score them with the task's metric.
+
+After the cell's last batch, :func:`llm_dvfs.attribution.attribute` integrates the power trace
+over each step (one sensor-lag estimate for the whole cell) and splits every step's energy over
+the sequences still generating in it: per request ``energy_j``, ``prefill_energy_j``,
+``decode_energy_j``, ``ttft_s``, ``tpot_s``, ``j_per_token``, and one ``tokens`` row per
+generated token. If the attribution cannot run (no trace) each request keeps ``1/batch_size``
+of its batch window's energy. Without a GPU (time only) the marks still give TTFT, TPOT and the
+token intervals; energies are NaN (``energy_method='none'``). All of this lives in
+:class:`_Instrument`, the one place that knows how measuring works.
+
+``latency_s`` is the batch's duration: every request of a batch waits for the whole batch.
+Warm-up batches (``warmup``) run the cell's own shapes first and are excluded from the rows.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DECODING_MODES = ("greedy", "sampled")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How ``generate`` is called.
+
+    Attributes:
+        max_new_tokens: upper bound of generated tokens per request (≥ 1).
+        fixed_output_length: also set ``min_new_tokens = max_new_tokens`` so every request
+            generates exactly ``max_new_tokens`` tokens (EOS suppressed): controlled comparisons.
+        decoding: ``"greedy"`` or ``"sampled"``.
+        temperature, top_p: sampling parameters (used with ``decoding="sampled"``).
+        seed: seeds sampled decoding; each batch is seeded from (seed, cell, batch number), so a
+            resumed sweep draws the same tokens as an uninterrupted one.
+    """
+
+    max_new_tokens: int = 32
+    fixed_output_length: bool = False
+    decoding: str = "greedy"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.decoding not in DECODING_MODES:
+            raise ConfigError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {self.decoding!r}")
+        if not (self.temperature > 0):
+            raise ConfigError(f"temperature must be > 0, got {self.temperature!r}")
+        if not (0 < self.top_p <= 1):
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    def generate_kwargs(self, tokenizer: Any) -> dict[str, Any]:
+        kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens,
+                              "pad_token_id": tokenizer.pad_token_id}
+        if tokenizer.eos_token_id is not None:
+            kw["eos_token_id"] = tokenizer.eos_token_id
+        if self.fixed_output_length:
+            kw["min_new_tokens"] = self.max_new_tokens
+        if self.decoding == "greedy":
+            kw["do_sample"] = False
+            # generation_config of some checkpoints carries sampling params; greedy ignores them
+            kw.update(temperature=None, top_p=None, top_k=None)
+        else:
+            kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        return kw
+
+
+# --------------------------------------------------------------------------------------------
+# task adapter: the few things the runner needs from llm_dvfs.tasks
+# --------------------------------------------------------------------------------------------
+def score_batch(task: Any, samples: Sequence[Any], outputs: Sequence[str], loaded: Any) -> list[float]:
+    """Per-request quality by the task's metric (NaN where the task has none).
+
+    ``task.scoring`` decides what :meth:`Task.score` gets: ``generate`` the generated text,
+    ``loglik`` the log-likelihoods of ``sample.choices`` (HellaSwag; extra forward passes, so
+    call this outside measured windows), ``none`` nothing (NaN).
+    """
+    scoring = getattr(task, "scoring", "none")
+    if scoring == "generate":
+        return [float(task.score(s, o)) for s, o in zip(samples, outputs)]
+    if scoring == "loglik":
+        from .tasks import sample_logliks
+
+        return [float(task.score(s, sample_logliks(loaded.model, loaded.tokenizer, s))) for s in samples]
+    return [math.nan] * len(samples)
+
+
+# --------------------------------------------------------------------------------------------
+# measurement of one generate call
+# --------------------------------------------------------------------------------------------
+@dataclass
+class BatchMeasurement:
+    """One measured ``generate`` call. Energies in J, times in s (host monotonic), MHz.
+
+    The energy fields are the monitor window's (whole batch); ``timing`` is the
+    :class:`~llm_dvfs.timeline.TokenTiming` of the call (None when token timing is off).
+    """
+
+    t_start_s: float
+    t_end_s: float
+    energy_j: float
+    energy_method: str
+    energy_j_counter: Optional[float]
+    avg_power_w: float
+    active_energy_j: Optional[float]
+    sm_mhz: float
+    mem_mhz: float
+    clock_event_reasons: Optional[int]
+    errors: list[str]
+    timing: Any = None
+
+    @property
+    def duration_s(self) -> float:
+        return self.t_end_s - self.t_start_s
+
+
+def _window_measurement(w: Any, t0: float, t1: float) -> BatchMeasurement:
+    if w is None:
+        return BatchMeasurement(t0, t1, math.nan, "none", None, math.nan, None, math.nan, math.nan, None, [])
+    m = w.measurement()
+    errs = [str(e) for e in m.errors]
+    if m.dropped_records:
+        errs.append(f"{m.dropped_records} sampler records dropped")
+    return BatchMeasurement(
+        t_start_s=m.t_start_s, t_end_s=m.t_end_s, energy_j=m.energy_j, energy_method=m.energy_method,
+        energy_j_counter=m.energy_j_counter, avg_power_w=m.avg_power_w, active_energy_j=m.active_energy_j,
+        sm_mhz=m.sm_mhz, mem_mhz=m.mem_mhz,
+        clock_event_reasons=m.clock_event_reasons if m.devices else None, errors=errs)
+
+
+class _Instrument:
+    """Measures ``generate`` calls: a monitor window around each call and token marks inside it
+    (:class:`~llm_dvfs.timeline.TokenTimer`); after a cell, :meth:`attribute` turns the power
+    trace and the marks into per-request and per-token energy (:mod:`llm_dvfs.attribution`).
+    This is the one place of the runner that knows how measuring works.
+    """
+
+    #: trace margin around a cell for the attribution's lag search (its default range is 0.1 s)
+    TRACE_MARGIN_S = 0.25
+
+    def __init__(self, monitor: Any, device: str, token_timing: bool = True) -> None:
+        self.monitor = monitor if (monitor is not None and getattr(monitor, "available", False)) else None
+        self.device = device
+        self._cuda = device.startswith("cuda")
+        self.timer = None
+        if token_timing:
+            from .timeline import TokenTimer
+            self.timer = TokenTimer(device=device)
+
+    def _sync(self) -> None:
+        if self._cuda:
+            import torch
+            torch.cuda.synchronize(self.device)
+
+    @staticmethod
+    def _now_s() -> float:
+        from .timeline import host_monotonic_ns
+        return host_monotonic_ns() * 1e-9
+
+    def run(self, model: Any, inputs: Mapping[str, Any], kwargs: dict[str, Any]) -> tuple[Any, BatchMeasurement]:
+        """``model.generate(**inputs, **kwargs)`` inside a window; returns (output ids, measurement)."""
+        self._sync()  # earlier queued work must not leak into the window
+        w = self.monitor.begin_window("batch") if self.monitor is not None else None
+        t0 = self._now_s() if w is None else w.t_start_ns * 1e-9
+        if self.timer is not None:
+            out = self.timer.generate(model, **inputs, **kwargs)  # marks start, each step, end
+        else:
+            out = model.generate(**inputs, **kwargs)
+        self._sync()
+        if w is not None:
+            w.end()
+        t1 = self._now_s() if w is None else w.t_end_ns * 1e-9
+        bm = _window_measurement(w, t0, t1)
+        if self.timer is not None:
+            bm.timing = self.timer.timing
+        return out, bm
+
+    def attribute(self, batches: Sequence[BatchMeasurement], request_ids: Sequence[Sequence[str]],
+                  cell_id: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+        """Per-request values (by request id), token rows and a summary for the cell's batches.
+
+        With a power trace: :func:`llm_dvfs.attribution.attribute` over the whole cell (one lag
+        estimate from all batch edges). Without one (CPU, no driver): times only (TTFT, TPOT,
+        token intervals), energies NaN. Empty results when token timing is off.
+        """
+        timed = [(b, ids) for b, ids in zip(batches, request_ids) if b.timing is not None]
+        if not timed:
+            return {}, [], {}
+        timings = [b.timing for b, _ in timed]
+        ids = [list(i) for _, i in timed]
+        if self.monitor is not None:
+            from . import attribution
+
+            t0 = min(t.t_start_s for t in timings)
+            t1 = max(t.t_end_s for t in timings)
+            trace = self.monitor.trace(t0 - self.TRACE_MARGIN_S, t1 + self.TRACE_MARGIN_S)
+            idle = self.monitor.idle_power_w
+            att = attribution.attribute(
+                trace, timings, request_ids=ids, cell_id=cell_id, window_s=(t0, t1),
+                batch_counter_energy_j=[b.energy_j_counter for b, _ in timed],
+                idle_power_w=idle if idle is not None and math.isfinite(idle) else None)
+            per = {r["request_id"]: {k: v for k, v in r.items() if k not in ("request_id", "cell_id")}
+                   for r in att.requests}
+            return per, att.tokens.to_dict("records"), att.summary()
+        per: dict[str, dict[str, Any]] = {}
+        tokens: list[dict[str, Any]] = []
+        for t, rids in zip(timings, ids):
+            b = t.bounds_s
+            for j, rid in enumerate(rids):
+                n = int(t.tokens_per_sequence[j])
+                per[rid] = {"ttft_s": t.ttft_s, "latency_s": t.latency_s,
+                            "tpot_s": (float(b[n]) - float(b[1])) / (n - 1) if n >= 2 else math.nan}
+                tokens.extend({"cell_id": cell_id, "request_id": rid, "token_index": i,
+                               "phase": "prefill" if i == 0 else "decode", "t_start_s": float(b[i]),
+                               "t_end_s": float(b[i + 1]), "energy_j": math.nan} for i in range(n))
+        return per, tokens, {"energy_method": "none"}
+
+
+# --------------------------------------------------------------------------------------------
+# the runner
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CellRows:
+    """What :meth:`Runner.run` returns: row dicts for the ``requests`` and ``tokens`` tables,
+    the host-monotonic span (s) of the measured batches (for the power trace), warnings, and
+    the attribution summary (for the cell's record)."""
+
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    tokens: list[dict[str, Any]] = field(default_factory=list)
+    t_start_s: float = math.nan
+    t_end_s: float = math.nan
+    warnings: list[str] = field(default_factory=list)
+    attribution: dict[str, Any] = field(default_factory=dict)
+
+
+def _batch_seed(seed: int, cell_id: str, batch_no: int) -> int:
+    return zlib.crc32(f"{seed}|{cell_id}|{batch_no}".encode()) & 0x7FFFFFFF
+
+
+class Runner:
+    """Runs requests of one loaded model, measured.
+
+    Args:
+        loaded: a :class:`llm_dvfs.models.LoadedModel` (its tokenizer is set to pad on the left).
+        monitor: a started :class:`~llm_dvfs.monitor.PowerMonitor`, or None / one that is not
+            ``available``: time only (``energy_method='none'``, energies NaN).
+        settings: :class:`GenerationSettings`.
+        gpu_name: recorded in the ``gpu_name`` column ('' on CPU).
+        token_timing: mark every generation step (TTFT, TPOT, per-token rows and energy);
+            False = one window per batch only (phase columns NaN).
+
+    Raises:
+        ConfigError: ``max_new_tokens`` leaves no room for a prompt in the model's context.
+    """
+
+    def __init__(self, loaded: Any, monitor: Any = None,
+                 settings: GenerationSettings = GenerationSettings(), *, gpu_name: str = "",
+                 token_timing: bool = True) -> None:
+        self.loaded = loaded
+        self.monitor = monitor
+        self.settings = settings
+        self.gpu_name = gpu_name
+        self.device = str(loaded.device)
+        self._instrument = _Instrument(monitor, self.device, token_timing)
+        ctx = self._context_limit()
+        self._max_prompt_tokens = ctx - settings.max_new_tokens
+        if self._max_prompt_tokens < 1:
+            raise ConfigError(f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt "
+                              f"in the context of {loaded.spec.raw} ({ctx} tokens)")
+        loaded.tokenizer.padding_side = "left"  # decoder-only batched generation pads on the left
+
+    def _context_limit(self) -> int:
+        cfg = getattr(self.loaded.model, "config", None)
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            v = getattr(cfg, attr, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return 1 << 30
+
+    # -- pieces ------------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str]) -> tuple[dict[str, Any], list[int]]:
+        """Tokenize a batch (left padded; truncated on the left to fit the context).
+
+        Returns (``input_ids``/``attention_mask`` on the model's device, unpadded prompt
+        lengths in tokens).
+        """
+        tok = self.loaded.tokenizer
+        side = tok.truncation_side
+        tok.truncation_side = "left"  # keep the end of the prompt: the question and the cue
+        try:
+            enc = tok(list(prompts), return_tensors="pt", padding=True, truncation=True,
+                      max_length=self._max_prompt_tokens)
+        finally:
+            tok.truncation_side = side
+        lengths = [int(x) for x in enc["attention_mask"].sum(dim=1).tolist()]
+        return {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}, lengths
+
+    def out_lengths(self, out: Any, prompt_len: int) -> list[int]:
+        """Generated tokens per row: up to and including the first EOS (padding after it is
+        not output)."""
+        from .timeline import tokens_per_sequence
+
+        eos = None if self.settings.fixed_output_length else self.loaded.tokenizer.eos_token_id
+        return [int(n) for n in tokens_per_sequence(out, prompt_len, eos)]
+
+    def warmup(self, prompts: Sequence[str], batch_size: int, n_batches: int = 1) -> float:
+        """Run ``n_batches`` unmeasured batches of ``batch_size`` (prompts reused cyclically);
+        returns the wall time spent, s."""
+        if n_batches <= 0 or not prompts:
+            return 0.0
+        import torch
+
+        t0 = time.monotonic()
+        kwargs = self.settings.generate_kwargs(self.loaded.tokenizer)
+        for b in range(n_batches):
+            inputs, _ = self.encode([prompts[(b * batch_size + i) % len(prompts)] for i in range(batch_size)])
+            with torch.inference_mode():
+                self.loaded.model.generate(**inputs, **kwargs)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+        return time.monotonic() - t0
+
+    # -- a cell ------------------------------------------------------------------------------
+    def run(self, task: Any, samples: Sequence[Any], *, batch_size: int, cell_id: str,
+            context: Mapping[str, Any], features: Optional[Any] = None, warmup: int = 1,
+            repeat: int = 0, progress: Optional[Any] = None,
+            on_batch: Optional[Callable[[int], None]] = None) -> CellRows:
+        """Measure every sample of ``samples`` once, in batches of ``batch_size``.
+
+        Args:
+            task: the :class:`llm_dvfs.tasks.Task` (quality metric and scoring).
+            samples: its :class:`~llm_dvfs.tasks.Sample` s (prompt already templated), in run
+                order (the last batch may be smaller).
+            batch_size: requests per ``generate`` call (≥ 1).
+            cell_id: recorded in every row; request ids are ``cell_id|sample id|position``.
+            context: columns common to the cell's rows (``task``, the clock settings requested,
+                ``idle_power_w`` of the clock point, ...), merged into every request row.
+            features: DataFrame of ``feat_*`` columns aligned with ``samples`` (one row each),
+                computed once per task by the caller; None = no feature columns.
+            warmup: unmeasured batches run first with the cell's batch size.
+            repeat: the repeat number (``repeat`` column).
+            progress: a tqdm-like object; ``update(n)`` is called with the requests done.
+            on_batch: called with the number of requests after each measured batch.
+
+        Returns:
+            :class:`CellRows`.
+        Raises:
+            ConfigError: batch_size < 1. ValueError: features not aligned with samples.
+        """
+        import torch
+
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        lm = self.loaded
+        prompts = [s.prompt for s in samples]
+        feat_rows: list[dict[str, float]] = [{} for _ in samples]
+        if features is not None and len(features.columns):
+            if len(features) != len(samples):
+                raise ValueError(f"features has {len(features)} rows for {len(samples)} samples")
+            fcols = [c for c in features.columns if c.startswith("feat_")]
+            feat_rows = features[fcols].astype("float64").to_dict("records")
+        metric = str(getattr(task, "metric", "") or "")
+        res = CellRows()
+        if warmup:
+            self.warmup(prompts, batch_size, warmup)
+        kwargs = self.settings.generate_kwargs(lm.tokenizer)
+        batches: list[BatchMeasurement] = []
+        batch_ids: list[list[str]] = []
+        n_trunc = 0
+        for b0 in range(0, len(samples), batch_size):
+            batch_no = b0 // batch_size
+            idx = list(range(b0, min(b0 + batch_size, len(samples))))
+            inputs, lengths = self.encode([prompts[i] for i in idx])
+            n_trunc += sum(1 for n in lengths if n >= self._max_prompt_tokens)
+            if self.settings.decoding == "sampled":
+                torch.manual_seed(_batch_seed(self.settings.seed, cell_id, batch_no))
+            with torch.inference_mode():
+                out, bm = self._instrument.run(lm.model, inputs, kwargs)
+            prompt_len = int(inputs["input_ids"].shape[1])
+            out_lens = self.out_lengths(out, prompt_len)
+            new_ids = out[:, prompt_len:].detach().cpu()
+            texts = [lm.tokenizer.decode(new_ids[k, :out_lens[k]], skip_special_tokens=True)
+                     for k in range(len(idx))]
+            # outside the window: quality (may run forward passes, e.g. HellaSwag)
+            qual = score_batch(task, [samples[i] for i in idx], texts, lm)
+            rows = self._rows(bm, idx, samples, prompts, texts, lengths, out_lens, qual, feat_rows,
+                              cell_id, context, metric, repeat, batch_size)
+            res.requests.extend(rows)
+            batches.append(bm)
+            batch_ids.append([r["request_id"] for r in rows])
+            if not math.isfinite(res.t_start_s):
+                res.t_start_s = bm.t_start_s
+            res.t_end_s = bm.t_end_s
+            res.warnings.extend(f"batch {batch_no}: {e}" for e in bm.errors)
+            if progress is not None:
+                progress.update(len(idx))
+            if on_batch is not None:
+                on_batch(len(idx))
+        self._attribute(res, batches, batch_ids, cell_id)
+        if n_trunc:
+            res.warnings.append(f"{n_trunc} prompt(s) truncated on the left to {self._max_prompt_tokens} "
+                                "tokens to fit the context")
+        return res
+
+    def _attribute(self, res: CellRows, batches: list[BatchMeasurement], batch_ids: list[list[str]],
+                   cell_id: str) -> None:
+        """Overwrite the window-share values with the attribution's per-request values."""
+        try:
+            per, tokens, summary = self._instrument.attribute(batches, batch_ids, cell_id)
+        except Exception as e:  # noqa: BLE001 - attribution must never lose the request rows
+            msg = f"token attribution failed ({type(e).__name__}: {e}); energy split evenly per batch"
+            log.warning("%s: %s", cell_id, msg)
+            res.warnings.append(msg)
+            return
+        keep = ("ttft_s", "tpot_s", "latency_s", "energy_j", "prefill_energy_j", "decode_energy_j",
+                "j_per_token", "avg_power_w", "energy_method", "energy_j_counter", "idle_power_w",
+                "active_energy_j")
+        for row in res.requests:
+            p = per.get(row["request_id"])
+            if p:
+                row.update({k: v for k, v in p.items() if k in keep})
+        res.tokens = tokens
+        res.attribution = summary
+
+    def _rows(self, bm: BatchMeasurement, idx: list[int], samples: Sequence[Any], prompts: list[str],
+              texts: list[str], lengths: list[int], out_lens: list[int], qual: list[float],
+              feat_rows: list[dict[str, float]], cell_id: str, context: Mapping[str, Any],
+              metric: str, repeat: int, batch_size: int) -> list[dict[str, Any]]:
+        """Request rows of one batch; energies are the window's, shared evenly (the attribution
+        replaces them per request when it runs)."""
+        lm = self.loaded
+        share = 1.0 / len(idx)
+
+        def part(v: Optional[float]) -> float:
+            return math.nan if v is None or not math.isfinite(v) else float(v) * share
+
+        rows = []
+        for k, i in enumerate(idx):
+            sid = str(samples[i].sample_id)
+            energy = part(bm.energy_j)
+            n_out = int(out_lens[k])
+            row: dict[str, Any] = {
+                "cell_id": cell_id,
+                "request_id": f"{cell_id}|{sid}|{i}",
+                "model": lm.spec.raw,
+                "weights": lm.weights,
+                "dtype": lm.dtype,
+                "sample_id": sid,
+                "repeat": int(repeat),
+                "batch_size": int(batch_size),
+                "batch_index": k,
+                "device": self.device,
+                "gpu_name": self.gpu_name,
+                "sm_mhz_observed": bm.sm_mhz,
+                "mem_mhz_observed": bm.mem_mhz,
+                "clock_event_reasons": bm.clock_event_reasons,
+                "tokens_in": int(lengths[k]),
+                "tokens_out": n_out,
+                "latency_s": bm.duration_s,
+                "energy_j": energy,
+                "j_per_token": energy / n_out if n_out > 0 and math.isfinite(energy) else math.nan,
+                "avg_power_w": bm.avg_power_w,
+                "active_energy_j": part(bm.active_energy_j),
+                "energy_j_counter": part(bm.energy_j_counter),
+                "energy_method": bm.energy_method,
+                "quality_metric": metric,
+                "quality": qual[k],
+                "quality_valid": bool(lm.weights == "pretrained" and metric and math.isfinite(qual[k])),
+                "prompt": prompts[i],
+                "output_text": texts[k],
+            }
+            row.update(context)
+            row.update(feat_rows[i])
+            rows.append(row)
+        return rows
+
+
+def bare_generate(loaded: Any, prompts: Sequence[str], batch_size: int,
+                  settings: GenerationSettings) -> tuple[int, float]:
+    """Unmeasured ``generate`` over ``prompts`` in batches, the same tokenization as
+    :class:`Runner` (the baseline of ``bench/harness_overhead.py``).
+
+    Returns (generated tokens, wall seconds).
+    """
+    import torch
+
+    r = Runner(loaded, None, settings, token_timing=False)
+    kwargs = settings.generate_kwargs(loaded.tokenizer)
+    n_tok = 0
+    dev = str(loaded.device)
+    t0 = time.perf_counter()
+    for b0 in range(0, len(prompts), batch_size):
+        inputs, _ = r.encode(prompts[b0:b0 + batch_size])
+        with torch.inference_mode():
+            out = loaded.model.generate(**inputs, **kwargs)
+        n_tok += sum(r.out_lengths(out, int(inputs["input_ids"].shape[1])))
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize(dev)
+    return n_tok, time.perf_counter() - t0
+
+
+__all__ = ["GenerationSettings", "Runner", "CellRows", "BatchMeasurement", "DECODING_MODES",
+           "score_batch", "bare_generate"]

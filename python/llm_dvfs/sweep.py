@@ -1,0 +1,1481 @@
+"""The sweep: models × clock points × tasks × batch sizes × repeats → one run directory.
+
+This module knows the grid and the files; :mod:`llm_dvfs.runner` knows transformers and
+:mod:`llm_dvfs.clocks` changes clocks. Three steps:
+
+1. :func:`load_config` / :class:`SweepConfig` — the grid from a TOML/YAML/JSON file and/or
+   flags; unknown keys are rejected with a did-you-mean.
+2. :func:`prepare` → :class:`Plan` — *every* check that can fail on user input runs here, before
+   any GPU work and before anything is written: model specs, tasks and their data (an empty
+   dataset is an error), clock points against the GPU's supported table, power limits against
+   its range, the output directory, other processes on the GPU. Raises
+   :class:`~llm_dvfs.errors.ConfigError` (or :class:`~llm_dvfs.errors.DataNotFound`,
+   :class:`GpuBusy`).
+3. :func:`execute` — runs the plan: each model is loaded once; inside it the clock points; after
+   each clock change a warm-up with a settle check of the observed clock, then an idle-power
+   baseline; inside those the cells (task × batch size × repeat). Every finished cell is written
+   at once (atomic renames) and the run tables are re-consolidated, so an interrupted sweep loses
+   at most the cell in progress and ``--resume`` continues where it stopped.
+
+Run directory (see docs/sweep.md)::
+
+    DIR/manifest.json        config, mode, versions, git revision, GPUs, start/end, status,
+                             clock points (idle baseline, settle check), notes
+    DIR/requests.parquet     one row per request × clock point (llm_dvfs.results schema)
+    DIR/requests.csv         the same, as CSV
+    DIR/tokens.parquet       per-token rows (where token attribution ran)
+    DIR/power.parquet        the raw power trace of every cell (cell_id column)
+    DIR/summary.csv          per model × task × batch size × clock point (written at the end)
+    DIR/run.log              the log of every invocation (start and resumes)
+    DIR/cells/<key>.{requests,tokens,power}.parquet, <key>.json   one finished cell each; the
+                             .json marker is written last and is what "finished" means.
+
+Safety: without ``allow_clock_changes`` the sweep never changes a clock. If clock points are
+requested without it, the run is in *observe mode*: one clock point, the GPU as found, and the
+notes say so. All changes go through :class:`~llm_dvfs.clocks.ClockController`, whose watchdog
+restores the GPU when this process ends in any way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import difflib
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import errors
+from .errors import ConfigError, DataNotFound
+from .results import SCHEMAS, to_frame
+
+log = logging.getLogger("llm_dvfs.sweep")
+
+FORMAT_VERSION = 1
+ON_BUSY = ("warn", "refuse")
+NER_MODES = ("nltk", "heuristic", "off")
+DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")
+
+#: The embedded default run (``python -m llm_dvfs.run`` without grid settings): it must work on a
+#: fresh machine with nothing downloaded, hence the labelled heuristic entity estimator instead
+#: of nltk's (whose data may be missing); ``models`` is left to the device
+#: (:data:`DEFAULT_GPU_MODEL` / :data:`DEFAULT_CPU_MODEL`). Sized to take about a minute.
+EMBEDDED_DEFAULT_GPU: dict[str, Any] = {"ner": "heuristic", "tasks": ["synthetic"], "samples": 24,
+                                        "batch_sizes": [1, 4], "max_new_tokens": 64}
+EMBEDDED_DEFAULT_CPU: dict[str, Any] = {"ner": "heuristic", "tasks": ["synthetic:max_words=256"],
+                                        "samples": 12, "batch_sizes": [1, 4], "max_new_tokens": 16}
+
+
+def embedded_default(device: str = "auto") -> dict[str, Any]:
+    """The embedded default settings for ``device`` (auto: the GPU if torch sees one)."""
+    try:
+        dev = _resolve_device(str(_normalise("device", device, "device")))
+    except ConfigError:
+        dev = "cpu"
+    return dict(EMBEDDED_DEFAULT_GPU if dev.startswith("cuda") else EMBEDDED_DEFAULT_CPU)
+
+
+#: Embedded default models (when ``models`` is not given): a Llama-3.2-1B-shaped model with
+#: random weights on a GPU, the tiny test architecture on the CPU.
+DEFAULT_GPU_MODEL = "arch:llama-3.2-1b"
+DEFAULT_CPU_MODEL = "arch:tiny"
+
+
+class GpuBusy(errors.LlmDvfsError, RuntimeError):
+    """Other processes use the GPU (``on_busy_gpu = "refuse"``): their work would be counted
+    as this run's energy."""
+
+
+# ============================================================================================
+# configuration
+# ============================================================================================
+@dataclass
+class SweepConfig:
+    """Everything a sweep needs. Field names are the config-file keys (``--flag-names`` are the
+    same with dashes). See :data:`FIELD_HELP` for each field's meaning and example.
+
+    ``None`` for ``models`` means the embedded default (:data:`DEFAULT_GPU_MODEL` on a GPU,
+    :data:`DEFAULT_CPU_MODEL` on the CPU); ``None`` for ``clocks``/``mem_clocks``/
+    ``power_limits`` means "as found" (not changed).
+    """
+
+    models: Optional[list[str]] = None
+    tasks: list[Any] = field(default_factory=lambda: ["synthetic"])
+    clocks: Any = None
+    mem_clocks: Any = None
+    power_limits: Any = None
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    repeats: int = 1
+    samples: int = 16
+    max_new_tokens: int = 32
+    fixed_output_length: bool = False
+    dtype: str = "auto"
+    decoding: str = "greedy"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    warmup: int = 1
+    idle_s: float = 2.0
+    settle_tolerance_mhz: float = 30.0
+    ner: str = "nltk"
+    out: Optional[str] = None
+    device: str = "auto"
+    gpu: Any = "auto"
+    allow_clock_changes: bool = False
+    on_busy_gpu: str = "warn"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELD_HELP: dict[str, str] = {
+    "models": "model specs: hub ids, local directories or arch:NAME (random weights); "
+              "e.g. arch:llama-3.2-1b,arch:gpt-neo-2.7b. Default: arch:llama-3.2-1b on a GPU, "
+              "arch:tiny on the CPU",
+    "tasks": "tasks: synthetic, boolq, hellaswag, truthfulqa, or NAME:file=PATH,field=column,... "
+             "for a local file; e.g. synthetic,boolq:file=dev.jsonl (default synthetic)",
+    "clocks": "SM clock points in MHz: 1980,1500,1200 | all | MIN:MAX (every supported clock "
+              "between) | MIN:MAX:STEP. Needs --allow-clock-changes (else observe mode)",
+    "mem_clocks": "memory clock points in MHz, same syntax as --clocks (e.g. 2619,1593)",
+    "power_limits": "power limits in W, e.g. 700,500 (within the GPU's range)",
+    "batch_sizes": "batch sizes, e.g. 1,8 (prompts padded on the left; default 1)",
+    "repeats": "how often each cell is measured (default 1)",
+    "samples": "sample limit per task (default 16)",
+    "max_new_tokens": "maximum generated tokens per request (default 32)",
+    "fixed_output_length": "generate exactly max_new_tokens tokens (EOS suppressed) for "
+                           "controlled comparisons",
+    "dtype": "model dtype: auto, bfloat16, float16, float32 (default auto: the checkpoint's)",
+    "decoding": "greedy or sampled (default greedy)",
+    "temperature": "sampling temperature (sampled decoding; default 1.0)",
+    "top_p": "nucleus sampling p (sampled decoding; default 1.0)",
+    "seed": "seed of the sample order, arch: weights and sampled decoding (default 0)",
+    "warmup": "unmeasured warm-up batches after each clock change and before each cell "
+              "(default 1)",
+    "idle_s": "seconds of idle-power baseline per clock point (default 2; 0 = none)",
+    "settle_tolerance_mhz": "observed SM clock within this of the request counts as settled "
+                            "(default 30)",
+    "ner": "named-entity density feature: nltk (needs the nltk data; the default), heuristic "
+           "(labelled capitalisation fallback, no data needed) or off",
+    "out": "run directory (default runs/<timestamp>); must not exist or be empty",
+    "device": "where the model runs: auto, cpu, cuda, cuda:N (default auto)",
+    "gpu": "GPU to measure and control (CUDA index), auto (the model's GPU, else GPU 0 if any) "
+           "or none",
+    "allow_clock_changes": "opt in to changing clocks / power limits (restored on exit)",
+    "on_busy_gpu": "when other processes use the GPU: warn or refuse (default warn)",
+}
+
+_FIELDS = [f.name for f in dataclasses.fields(SweepConfig)]
+assert set(_FIELDS) == set(FIELD_HELP), "every config field needs its help text"
+
+
+def did_you_mean(key: str, valid: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest valid name, or ''."""
+    m = difflib.get_close_matches(key.replace("-", "_"), list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {m[0]!r}?)" if m else ""
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML (.toml), YAML (.yaml/.yml) or JSON (.json) config file into a dict.
+
+    A top-level ``[sweep]`` table, if present, is used as the config (so a file may carry other
+    tables for other tools); keys are the :class:`SweepConfig` field names (dashes allowed).
+
+    Raises:
+        ConfigError: missing/unreadable file, syntax error, unknown format, not a mapping.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    suffix = p.suffix.lower()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {e}") from None
+    try:
+        if suffix == ".toml":
+            import tomllib
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError("YAML config files need PyYAML: pip install pyyaml (or use TOML)") from None
+            data = yaml.safe_load(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file {str(p)!r}: unknown format {suffix!r}; use .toml, .yaml or .json")
+    except ConfigError:
+        raise
+    except Exception as e:  # tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError
+        raise ConfigError(f"config file {str(p)!r} is not valid {suffix[1:].upper()}: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a table of settings, got {type(data).__name__}")
+    if "sweep" in data and isinstance(data["sweep"], dict):
+        data = data["sweep"]
+    return data
+
+
+def config_from_mapping(data: Mapping[str, Any], *, source: str = "config",
+                        base: Optional[SweepConfig] = None) -> SweepConfig:
+    """A :class:`SweepConfig` with the keys of ``data`` set over ``base`` (default: defaults).
+
+    Values are normalised (``"1,8"`` → ``[1, 8]``) and type-checked here; checks that need the
+    model, the data or the GPU happen in :func:`prepare`.
+
+    Raises:
+        ConfigError: an unknown key (with a did-you-mean) or a value of the wrong type/range.
+    """
+    cfg = dataclasses.replace(base) if base is not None else SweepConfig()
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in _FIELDS:
+            raise ConfigError(f"{source}: unknown setting {str(raw_key)!r}{did_you_mean(key, _FIELDS)}; "
+                              f"settings: {', '.join(_FIELDS)}")
+        setattr(cfg, key, _normalise(key, value, source))
+    return cfg
+
+
+def _where(source: str, key: str) -> str:
+    return f"{source}: {key}"
+
+
+def _split(value: Any) -> list[Any]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _to_int(v: Any, where: str, lo: Optional[int] = None) -> int:
+    if isinstance(v, bool):
+        raise ConfigError(f"{where}: expected an integer, got {v!r}")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected an integer, got {v!r}") from None
+    if not math.isfinite(f) or f != int(f):
+        raise ConfigError(f"{where}: expected an integer, got {v!r}")
+    i = int(f)
+    if lo is not None and i < lo:
+        raise ConfigError(f"{where}: must be >= {lo}, got {i}")
+    return i
+
+
+def _to_float(v: Any, where: str, lo: Optional[float] = None) -> float:
+    if isinstance(v, bool):
+        raise ConfigError(f"{where}: expected a number, got {v!r}")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected a number, got {v!r}") from None
+    if not math.isfinite(f) or (lo is not None and f < lo):
+        raise ConfigError(f"{where}: expected a number >= {lo}, got {v!r}")
+    return f
+
+
+def _to_bool(v: Any, where: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{where}: expected true or false, got {v!r}")
+
+
+def _choice(v: Any, where: str, choices: Sequence[str]) -> str:
+    s = str(v).strip().lower()
+    if s not in choices:
+        raise ConfigError(f"{where}: expected one of {', '.join(choices)}, got {v!r}{did_you_mean(s, choices)}")
+    return s
+
+
+def parse_clock_spec(value: Any, where: str = "clocks") -> Any:
+    """Normalise a clock spec: None (as found), ``"all"``, ``{"min":, "max":, "step":}`` or a
+    list of ints (MHz). Syntax only; :func:`resolve_clocks` checks it against a GPU.
+
+    Accepted: ``1980,1500,1200``; ``[1980, 1500]``; ``1500``; ``all``; ``1200:1980`` (every
+    supported clock in the range); ``1200:1980:60`` (every 60 MHz from 1200 up to 1980).
+    ``none``/``as-found``/empty = None.
+
+    Raises:
+        ConfigError: anything else, naming the accepted forms.
+    """
+    forms = "use e.g. 1980,1500,1200 or all or 1200:1980 or 1200:1980:60"
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = f"{value.get('min')}:{value.get('max')}" + (f":{value['step']}" if value.get("step") else "")
+    if isinstance(value, str):
+        s = value.strip().lower()
+        if s in ("", "none", "as-found", "as_found", "current"):
+            return None
+        if s == "all":
+            return "all"
+        if ":" in s:
+            parts = s.split(":")
+            if len(parts) not in (2, 3):
+                raise ConfigError(f"{where}: {value!r} is not MIN:MAX or MIN:MAX:STEP; {forms}")
+            lo, hi = (_to_int(p, f"{where} ({value!r})", 1) for p in parts[:2])
+            step = _to_int(parts[2], f"{where} ({value!r}) step", 1) if len(parts) == 3 else None
+            if lo > hi:
+                raise ConfigError(f"{where}: range {value!r} has MIN > MAX")
+            return {"min": lo, "max": hi, "step": step}
+    items = _split(value)
+    if not items:
+        return None
+    out = []
+    for it in items:
+        try:
+            out.append(_to_int(it, where, 1))
+        except ConfigError:
+            raise ConfigError(f"{where}: {it!r} is not a clock in MHz; {forms}") from None
+    return list(dict.fromkeys(out))  # keep order, drop duplicates
+
+
+def _normalise(key: str, value: Any, source: str) -> Any:
+    where = _where(source, key)
+    if key == "models":
+        if value is None:
+            return None
+        items = [str(v).strip() for v in _split(value)]
+        if not items or any(not v for v in items):
+            raise ConfigError(f"{where}: give at least one model spec (hub id, directory or arch:NAME)")
+        return list(dict.fromkeys(items))
+    if key == "tasks":
+        items = []
+        if isinstance(value, str):
+            # commas separate tasks, but also a task's options: NAME:k=v,k=v. A piece with '='
+            # and no ':' continues the previous task's option list.
+            for piece in [p.strip() for p in value.split(",") if p.strip()]:
+                if items and "=" in piece and ":" not in piece.split("=", 1)[0] and isinstance(items[-1], str) \
+                        and ":" in items[-1]:
+                    items[-1] += "," + piece
+                else:
+                    items.append(piece)
+        else:
+            items = _split(value)
+        if not items:
+            raise ConfigError(f"{where}: give at least one task")
+        for it in items:
+            if not isinstance(it, (str, dict)):
+                raise ConfigError(f"{where}: a task is a name/spec string or a table, got {it!r}")
+        return items
+    if key in ("clocks", "mem_clocks"):
+        return parse_clock_spec(value, where)
+    if key == "power_limits":
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "as-found")):
+            return None
+        out = [_to_float(v, where, 1.0) for v in _split(value)]
+        return list(dict.fromkeys(out)) or None
+    if key == "batch_sizes":
+        out = [_to_int(v, where, 1) for v in _split(value)]
+        if not out:
+            raise ConfigError(f"{where}: give at least one batch size")
+        return list(dict.fromkeys(out))
+    if key in ("repeats", "samples", "max_new_tokens"):
+        return _to_int(value, where, 1)
+    if key in ("warmup", "seed"):
+        return _to_int(value, where, 0)
+    if key in ("temperature",):
+        v = _to_float(value, where, 0.0)
+        if v <= 0:
+            raise ConfigError(f"{where}: must be > 0")
+        return v
+    if key == "top_p":
+        v = _to_float(value, where, 0.0)
+        if not 0 < v <= 1:
+            raise ConfigError(f"{where}: must be in (0, 1]")
+        return v
+    if key in ("idle_s", "settle_tolerance_mhz"):
+        return _to_float(value, where, 0.0)
+    if key in ("fixed_output_length", "allow_clock_changes"):
+        return _to_bool(value, where)
+    if key == "dtype":
+        return _choice(value, where, DTYPES)
+    if key == "decoding":
+        return _choice(value, where, ("greedy", "sampled"))
+    if key == "ner":
+        return _choice(value, where, NER_MODES)
+    if key == "on_busy_gpu":
+        return _choice(value, where, ON_BUSY)
+    if key == "out":
+        if value is None:
+            return None
+        s = str(value).strip()
+        if not s:
+            raise ConfigError(f"{where}: empty path")
+        return s
+    if key == "device":
+        s = str(value).strip().lower()
+        if s in ("auto", "cpu", "cuda") or s.startswith("cuda:") or s.isdigit():
+            return f"cuda:{s}" if s.isdigit() else s
+        raise ConfigError(f"{where}: expected auto, cpu, cuda or cuda:N, got {value!r}")
+    if key == "gpu":
+        if value is None:
+            return "none"
+        s = str(value).strip().lower()
+        if s in ("auto", "none"):
+            return s
+        return _to_int(value, where, 0)
+    raise AssertionError(key)  # pragma: no cover - _FIELDS and _normalise must agree
+
+
+def load_config(path: Optional[str | os.PathLike[str]] = None, overrides: Optional[Mapping[str, Any]] = None
+                ) -> SweepConfig:
+    """Defaults, then the file at ``path`` (if any), then ``overrides`` (e.g. CLI flags)."""
+    cfg = SweepConfig()
+    if path is not None:
+        cfg = config_from_mapping(load_config_file(path), source=str(path), base=cfg)
+    if overrides:
+        cfg = config_from_mapping(overrides, source="command line", base=cfg)
+    return cfg
+
+
+#: Settings that may be given again when resuming (they do not change the grid).
+RESUME_OVERRIDABLE = ("allow_clock_changes", "on_busy_gpu")
+
+
+def resume_config(run_dir: str | os.PathLike[str], overrides: Optional[Mapping[str, Any]] = None) -> SweepConfig:
+    """The config of the run in ``run_dir`` (from its manifest), for ``--resume``.
+
+    Only :data:`RESUME_OVERRIDABLE` settings may be passed in ``overrides``; a run that changed
+    clocks needs ``allow_clock_changes`` again (the opt-in is never stored).
+
+    Raises:
+        ConfigError: not a run directory, an override that would change the grid, or a missing
+            opt-in.
+    """
+    rd = RunDir(Path(run_dir).expanduser())
+    if not rd.manifest_path.is_file():
+        raise ConfigError(f"--resume {str(run_dir)!r}: no manifest.json there; not a run directory")
+    manifest = rd.read_manifest()
+    if manifest.get("tool") != "llm_dvfs.run" or "config" not in manifest:
+        raise ConfigError(f"--resume {str(run_dir)!r}: manifest.json is not from llm_dvfs.run")
+    stored = {k: v for k, v in manifest["config"].items() if k in _FIELDS}
+    if manifest["config"].get("resolved_models"):
+        stored["models"] = manifest["config"]["resolved_models"]
+    stored["allow_clock_changes"] = False
+    stored["out"] = str(rd.path)
+    cfg = config_from_mapping(stored, source=f"{rd.manifest_path}")
+    extra = {k: v for k, v in (overrides or {}).items() if k.replace("-", "_") not in RESUME_OVERRIDABLE}
+    if extra:
+        raise ConfigError(f"--resume takes the grid from {rd.manifest_path}; these settings cannot be changed "
+                          f"when resuming: {', '.join(sorted(extra))} (only {', '.join(RESUME_OVERRIDABLE)} "
+                          "and --quiet/--verbose may be given)")
+    cfg = config_from_mapping(dict(overrides or {}), source="command line", base=cfg)
+    if manifest.get("mode") == "observe" and cfg.allow_clock_changes:
+        # the cells were planned without clock changes; changing them now would change the grid
+        log.warning("the run in %s is in observe mode; --allow-clock-changes is ignored when resuming it", run_dir)
+        cfg.allow_clock_changes = False
+    if manifest.get("mode") == "sweep" and not cfg.allow_clock_changes:
+        from .clocks import clock_changes_allowed
+        if not clock_changes_allowed(False):
+            raise ConfigError(f"the run in {str(run_dir)!r} changes clocks ({len(manifest['config'].get('clock_points', []))} "
+                              "clock points); pass --allow-clock-changes again to resume it")
+    return cfg
+
+
+# ============================================================================================
+# the plan
+# ============================================================================================
+@dataclass(frozen=True)
+class ClockPoint:
+    """One clock setting. None = as found (not changed). MHz and W."""
+
+    sm_mhz: Optional[int] = None
+    mem_mhz: Optional[int] = None
+    power_limit_w: Optional[float] = None
+
+    @property
+    def as_found(self) -> bool:
+        return self.sm_mhz is None and self.mem_mhz is None and self.power_limit_w is None
+
+    @property
+    def label(self) -> str:
+        """``sm1500``, ``sm1500-mem1593``, ``pl500W``, ... or ``as-found``."""
+        parts = []
+        if self.sm_mhz is not None:
+            parts.append(f"sm{self.sm_mhz}")
+        if self.mem_mhz is not None:
+            parts.append(f"mem{self.mem_mhz}")
+        if self.power_limit_w is not None:
+            parts.append(f"pl{self.power_limit_w:g}W")
+        return "-".join(parts) or "as-found"
+
+    def requested_row(self) -> dict[str, float]:
+        """The ``*_requested`` columns (NaN = as found)."""
+        f = lambda v: math.nan if v is None else float(v)  # noqa: E731
+        return {"sm_mhz_requested": f(self.sm_mhz), "mem_mhz_requested": f(self.mem_mhz),
+                "power_limit_w_requested": f(self.power_limit_w)}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One model × task × clock point × batch size × repeat: a unit of work and of writing."""
+
+    index: int
+    model: str
+    task: str
+    clock: ClockPoint
+    batch_size: int
+    repeat: int
+
+    @property
+    def cell_id(self) -> str:
+        return f"{self.model}|{self.task}|{self.clock.label}|bs{self.batch_size}|r{self.repeat}"
+
+    @property
+    def key(self) -> str:
+        """File-name-safe, stable key of the cell (hash of ``cell_id``)."""
+        return hashlib.sha1(self.cell_id.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TaskEntry:
+    """A task of the plan with its samples (loaded once, shared by every model and clock)."""
+
+    name: str          # unique label in this run (the task's name, suffixed if repeated)
+    spec: Any
+    task: Any
+    samples: list[Any]
+
+
+@dataclass
+class Plan:
+    """A validated sweep, ready for :func:`execute`."""
+
+    config: SweepConfig
+    out: Path
+    mode: str                          # "sweep" (clocks changed) | "observe"
+    device: str                        # torch device of the models
+    gpu: Any                           # DeviceInfo of the measured/controlled GPU, or None
+    gpus: list[Any]                    # all visible DeviceInfo
+    models: list[str]
+    tasks: list[TaskEntry]
+    clock_points: list[ClockPoint]
+    cells: list[Cell]
+    notes: list[str] = field(default_factory=list)
+    resume: bool = False
+
+    @property
+    def energy_available(self) -> bool:
+        return self.gpu is not None
+
+    def describe(self) -> str:
+        """A few lines for the terminal: what will run."""
+        n_req = sum(len(self.task_entry(c.task).samples) for c in self.cells)
+        lines = [
+            f"run directory: {self.out}",
+            f"mode: {self.mode}" + (" (clocks as found; nothing is changed)" if self.mode == "observe" else ""),
+            f"models: {', '.join(self.models)} on {self.device}",
+            f"tasks: {', '.join(f'{t.name} ({len(t.samples)} samples)' for t in self.tasks)}",
+            f"clock points: {', '.join(c.label for c in self.clock_points)}",
+            f"batch sizes: {', '.join(map(str, self.config.batch_sizes))}; repeats: {self.config.repeats}",
+            f"cells: {len(self.cells)} ({n_req} measured requests)",
+            "energy: " + (f"measured on GPU {self.gpu.index} ({self.gpu.name})" if self.gpu is not None
+                          else "unavailable (no NVIDIA driver/GPU: time only)"),
+        ]
+        return "\n".join(lines)
+
+    def task_entry(self, name: str) -> TaskEntry:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+def _resolve_device(value: str) -> str:
+    import torch
+
+    if value == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if value == "cpu":
+        return "cpu"
+    idx = 0 if value == "cuda" else _to_int(value.split(":", 1)[1], "device", 0)
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {value!r}: CUDA is not available to torch (CPU-only torch build "
+                          "or no GPU visible); use --device cpu")
+    if idx >= torch.cuda.device_count():
+        raise ConfigError(f"device {value!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return f"cuda:{idx}"
+
+
+def _gpus() -> tuple[list[Any], Optional[str]]:
+    from .devices import devices, last_error
+
+    try:
+        devs = devices()
+    except errors.LlmDvfsError as e:
+        return [], f"{type(e).__name__}: {e}"
+    return devs, (None if devs else (last_error() or "no NVIDIA GPU visible"))
+
+
+def _check_model(spec: str) -> None:
+    """Cheap validity check of a model spec (no weights are loaded)."""
+    from .models import ModelSpec
+
+    ms = ModelSpec.parse(spec)
+    if ms.kind == "hub":
+        try:
+            from transformers import AutoConfig
+            AutoConfig.from_pretrained(ms.target)
+        except (OSError, ValueError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataNotFound(
+                f"model {spec!r} is not an arch: name, not a local directory, and not available "
+                f"from the Hugging Face hub or its cache ({msg}). Use arch:NAME for random weights "
+                "(python -c 'import llm_dvfs.models as m; print(m.list_arch())'), a local directory, "
+                f"or download it first (`hf download {ms.target}`)") from None
+
+
+def _tasks(cfg: SweepConfig) -> list[TaskEntry]:
+    from .tasks import get_task
+
+    entries: list[TaskEntry] = []
+    seen: dict[str, int] = {}
+    for spec in cfg.tasks:
+        task = get_task(spec)
+        samples = task.samples(cfg.samples, cfg.seed)
+        if not samples:
+            raise ConfigError(f"task {spec!r} has no samples (empty dataset)")
+        name = task.name
+        if name in seen:  # e.g. two local files of the same task: keep cell ids unique
+            seen[name] += 1
+            name = f"{name}#{seen[name]}"
+        else:
+            seen[name] = 1
+        entries.append(TaskEntry(name, spec, task, samples))
+    return entries
+
+
+def resolve_clocks(spec: Any, supported: Sequence[int], what: str) -> Optional[list[int]]:
+    """Clock values (MHz, descending) of ``spec`` (see :func:`parse_clock_spec`) on a GPU
+    supporting ``supported``; None for as found.
+
+    Raises:
+        ConfigError: a value (or a whole range) is not supported; names the nearest ones.
+    """
+    from .clocks import nearest_supported
+
+    if spec is None:
+        return None
+    sup = sorted(set(int(v) for v in supported), reverse=True)
+    if not sup:
+        raise ConfigError(f"{what}: the GPU reports no supported clocks, so clock points cannot be set")
+    if spec == "all":
+        return sup
+    if isinstance(spec, dict):
+        lo, hi, step = spec["min"], spec["max"], spec["step"]
+        if step is None:
+            vals = [v for v in sup if lo <= v <= hi]
+        else:
+            vals = list(range(lo, hi + 1, step))
+            bad = [v for v in vals if v not in sup]
+            if bad:
+                raise ConfigError(f"{what}: {lo}:{hi}:{step} includes unsupported clock(s) "
+                                  f"{', '.join(map(str, bad[:5]))}{'...' if len(bad) > 5 else ''} MHz; nearest "
+                                  f"supported to {bad[0]}: {', '.join(map(str, nearest_supported(bad[0], sup)))} MHz "
+                                  f"(supported {sup[-1]}-{sup[0]} MHz)")
+        if not vals:
+            raise ConfigError(f"{what}: no supported clock in {lo}-{hi} MHz (supported {sup[-1]}-{sup[0]} MHz)")
+        return sorted(vals, reverse=True)
+    for v in spec:
+        if v not in sup:
+            near = ", ".join(map(str, nearest_supported(v, sup)))
+            raise ConfigError(f"{what}: {v} MHz is not supported by the GPU; nearest supported: {near} MHz "
+                              f"(supported {sup[-1]}-{sup[0]} MHz, {len(sup)} values)")
+    return list(spec)
+
+
+def _clock_points(cfg: SweepConfig, gpu: Any, notes: list[str]) -> tuple[str, list[ClockPoint]]:
+    requested = any(v is not None for v in (cfg.clocks, cfg.mem_clocks, cfg.power_limits))
+    if not requested:
+        return "observe", [ClockPoint()]
+    if gpu is None:
+        if cfg.allow_clock_changes:
+            raise ConfigError("clock points were requested with --allow-clock-changes, but there is no "
+                              "NVIDIA GPU to change clocks on (no driver, or --gpu none)")
+        notes.append("clock points were requested but there is no GPU to change them on: running in "
+                     "observe mode (one point, as found)")
+        return "observe", [ClockPoint()]
+    table = {int(k): list(v) for k, v in (gpu.supported_clocks_mhz or {}).items()}
+    mems = resolve_clocks(cfg.mem_clocks, list(table), "mem_clocks") if cfg.mem_clocks is not None else [None]
+    points: list[ClockPoint] = []
+    for mem in mems:
+        at = table.get(mem if mem is not None else (max(table) if table else -1), [])
+        sms = resolve_clocks(cfg.clocks, at, f"clocks (at memory clock {mem or (max(table) if table else '?')} MHz)") \
+            if cfg.clocks is not None else [None]
+        for sm in sms:
+            for pl in (cfg.power_limits or [None]):
+                points.append(ClockPoint(sm, mem, pl))
+    if cfg.power_limits:
+        lo, hi = gpu.power_limit_min_w, gpu.power_limit_max_w
+        if lo is None or hi is None:
+            raise ConfigError(f"power_limits: GPU {gpu.index} ({gpu.name}) reports no power-limit range")
+        for pl in cfg.power_limits:
+            if not lo <= pl <= hi:
+                raise ConfigError(f"power_limits: {pl:g} W is outside the range {lo:g}-{hi:g} W of GPU "
+                                  f"{gpu.index} ({gpu.name})")
+    if not cfg.allow_clock_changes:
+        from .clocks import clock_changes_allowed
+        if not clock_changes_allowed(False):
+            notes.append(
+                f"{len(points)} clock point(s) were requested ({', '.join(p.label for p in points[:6])}"
+                f"{', ...' if len(points) > 6 else ''}) but clock changes are not allowed: running in "
+                "OBSERVE MODE (one point, the GPU as found, nothing changed). Add --allow-clock-changes "
+                "(needs root) to sweep them.")
+            return "observe", [ClockPoint()]
+    return "sweep", points
+
+
+def busy_processes(nvml_index: int) -> list[tuple[int, int]]:
+    """Other processes' (pid, used GPU memory bytes) on the GPU with this NVML index."""
+    from . import _core
+
+    with _core.Session() as s:
+        procs = s.compute_processes(int(nvml_index))
+    me = os.getpid()
+    return [(int(p), int(m)) for p, m in procs if int(p) != me]
+
+
+def check_busy(gpu: Any, policy: str, notes: Optional[list[str]] = None) -> list[tuple[int, int]]:
+    """Warn (log + note) or raise :class:`GpuBusy` when other processes use ``gpu``."""
+    if gpu is None:
+        return []
+    try:
+        procs = busy_processes(gpu.nvml_index)
+    except errors.LlmDvfsError as e:
+        log.debug("could not list GPU processes: %s", e)
+        return []
+    if procs:
+        desc = ", ".join(f"pid {p} ({m / 2**20:.0f} MiB)" for p, m in procs[:8])
+        msg = (f"{len(procs)} other process(es) use GPU {gpu.index} ({desc}); their work is counted in "
+               "the measured energy")
+        if policy == "refuse":
+            raise GpuBusy(msg + ". Stop them, pick another GPU (--gpu), or pass --on-busy-gpu warn.")
+        log.warning("%s", msg)
+        if notes is not None:
+            notes.append(msg)
+    return procs
+
+
+def _check_out_dir(out: Path, resume: bool) -> None:
+    if resume:
+        if not (out / "manifest.json").is_file():
+            raise ConfigError(f"--resume {str(out)!r}: no manifest.json there; not a run directory")
+        probe_dir = out
+    else:
+        if out.exists():
+            if not out.is_dir():
+                raise ConfigError(f"output {str(out)!r} exists and is not a directory")
+            if any(out.iterdir()):
+                hint = " (it is a run directory: use --resume to continue it)" if (out / "manifest.json").exists() else ""
+                raise ConfigError(f"output directory {str(out)!r} is not empty{hint}; choose a new one")
+        probe_dir = out
+        while not probe_dir.exists():
+            if probe_dir.parent == probe_dir:
+                break
+            probe_dir = probe_dir.parent
+        if not probe_dir.is_dir():
+            raise ConfigError(f"output {str(out)!r} cannot be created: {str(probe_dir)!r} is not a directory")
+    try:  # a real write test (os.access lies for root and on some network filesystems)
+        fd, tmp = tempfile.mkstemp(dir=probe_dir, prefix=".llm_dvfs-write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ConfigError(f"output {str(out)!r} is not writable ({e.strerror}: {str(probe_dir)!r})") from None
+
+
+def default_out_dir() -> Path:
+    return Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def prepare(cfg: SweepConfig, *, resume: Optional[str | os.PathLike[str]] = None) -> Plan:
+    """Validate ``cfg`` completely and build the :class:`Plan`. Touches no GPU state and writes
+    nothing (it reads the GPU inventory and the task data).
+
+    Raises:
+        ConfigError: bad setting, unknown model or task, unsupported clock, power limit out of
+            range, output not writable or not empty, empty dataset.
+        DataNotFound: a model, tokenizer or dataset that is not available (says how to get it).
+        GpuBusy: other processes use the GPU and ``on_busy_gpu == "refuse"``.
+    """
+    notes: list[str] = []
+    # 1. output (cheap, and nothing is created here)
+    out = Path(resume if resume is not None else (cfg.out or default_out_dir())).expanduser()
+    _check_out_dir(out, resume is not None)
+    from .clocks import clock_changes_allowed
+    clock_changes_allowed(cfg.allow_clock_changes)  # a bad LLM_DVFS_ALLOW_CLOCK_CHANGES fails here
+    # 2. device and GPU
+    device = _resolve_device(cfg.device)
+    gpus, why = _gpus()
+    gpu = None
+    if cfg.gpu == "none":
+        pass
+    elif cfg.gpu == "auto":
+        idx = int(device.split(":")[1]) if device.startswith("cuda") else 0
+        gpu = next((g for g in gpus if g.index == idx), None)
+        if device.startswith("cuda") and gpu is None:
+            notes.append(f"NVML does not see GPU {idx} ({why}); energy is unavailable")
+    else:
+        gpu = next((g for g in gpus if g.index == cfg.gpu), None)
+        if gpu is None:
+            raise ConfigError(f"gpu: GPU {cfg.gpu} is not visible ({len(gpus)} GPU(s) found"
+                              + (f"; {why}" if why else "") + ")")
+    if gpu is None and cfg.gpu != "none" and not device.startswith("cuda"):
+        notes.append("no NVIDIA driver/GPU found" + (f" ({why})" if why else "") + ": running on the CPU, "
+                     "energy is unavailable (energy_method 'none'); latency, tokens and features are measured. "
+                     "Energy needs an NVIDIA GPU with its driver.")
+    elif gpu is not None and not device.startswith("cuda"):
+        notes.append(f"the model runs on the CPU but GPU {gpu.index} ({gpu.name}) is measured: its energy "
+                     "does not include the CPU's work (use --gpu none to measure time only)")
+    # 3. models
+    models = cfg.models
+    if models is None:
+        models = [DEFAULT_GPU_MODEL if device.startswith("cuda") else DEFAULT_CPU_MODEL]
+        notes.append(f"no models given: using the embedded default {models[0]} (random weights)")
+    for m in models:
+        _check_model(m)
+    # 4. clock points (needs the GPU's table) and mode; a resumed run keeps its mode
+    stored_mode = RunDir(out).read_manifest().get("mode") if resume is not None else None
+    if stored_mode == "observe":
+        mode, points = "observe", [ClockPoint()]
+    else:
+        mode, points = _clock_points(cfg, gpu, notes)
+    # 5. tasks and their samples (an empty dataset is an error here, before any GPU work)
+    tasks = _tasks(cfg)
+    if cfg.ner == "nltk":
+        _require_nltk()
+    # 6. other processes on the GPU
+    check_busy(gpu, cfg.on_busy_gpu, notes)
+    # 7. the cells, in execution order
+    cells: list[Cell] = []
+    for m in models:
+        for cp in points:
+            for t in tasks:
+                for bs in cfg.batch_sizes:
+                    for r in range(cfg.repeats):
+                        cells.append(Cell(len(cells), m, t.name, cp, bs, r))
+    ids = [c.cell_id for c in cells]
+    if len(set(ids)) != len(ids):  # pragma: no cover - models/batch sizes are de-duplicated
+        raise ConfigError("duplicate cells in the grid")
+    return Plan(config=cfg, out=out, mode=mode, device=device, gpu=gpu, gpus=gpus, models=list(models),
+                tasks=tasks, clock_points=points, cells=cells, notes=notes, resume=resume is not None)
+
+
+def _require_nltk() -> None:
+    from .features import check_nltk_data
+
+    try:
+        check_nltk_data()
+    except DataNotFound as e:
+        raise DataNotFound(f"{e} (or choose the labelled fallback with --ner heuristic, or --ner off)") from None
+
+
+# ============================================================================================
+# files
+# ============================================================================================
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's files are 0600
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (readers see the old
+    file or the new one, never a part)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, _FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_with(path: Path, writer: Callable[[str], None]) -> None:
+    """Call ``writer(tmp_path)`` then ``os.replace(tmp_path, path)``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.chmod(tmp, _FILE_MODE)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n").encode())
+
+
+class RunDir:
+    """The files of one run directory (layout in the module docstring)."""
+
+    TABLES = ("requests", "tokens", "power")
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.cells_dir = self.path / "cells"
+        self._frames: dict[str, dict[str, pd.DataFrame]] = {}  # cell key -> table -> frame
+
+    def create(self) -> None:
+        try:
+            self.cells_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the run directory {str(self.path)!r}: {e}") from None
+
+    # -- manifest --
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    def read_manifest(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{self.manifest_path}: cannot be read ({e})") from None
+
+    def write_manifest(self, manifest: Mapping[str, Any]) -> None:
+        write_json(self.manifest_path, manifest)
+
+    # -- cells --
+    def marker(self, cell: Cell) -> Path:
+        return self.cells_dir / f"{cell.key}.json"
+
+    def is_done(self, cell: Cell) -> bool:
+        p = self.marker(cell)
+        if not p.is_file():
+            return False
+        try:
+            info = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return info.get("cell_id") == cell.cell_id and all(
+            (self.cells_dir / f"{cell.key}.{t}.parquet").is_file() for t in self.TABLES)
+
+    def write_cell(self, cell: Cell, tables: Mapping[str, pd.DataFrame], info: Mapping[str, Any]) -> None:
+        """Write a finished cell: its tables first, the marker last (each atomically)."""
+        for t in self.TABLES:
+            df = tables[t]
+            atomic_write_with(self.cells_dir / f"{cell.key}.{t}.parquet",
+                              lambda tmp, df=df: df.to_parquet(tmp, index=False))
+        write_json(self.marker(cell), dict(info, cell_id=cell.cell_id, key=cell.key, index=cell.index))
+        self._frames[cell.key] = dict(tables)
+
+    def cell_tables(self, cell: Cell) -> dict[str, pd.DataFrame]:
+        if cell.key not in self._frames:
+            self._frames[cell.key] = {t: pd.read_parquet(self.cells_dir / f"{cell.key}.{t}.parquet")
+                                      for t in self.TABLES}
+        return self._frames[cell.key]
+
+    def consolidate(self, cells: Sequence[Cell]) -> dict[str, int]:
+        """Rewrite requests.parquet/.csv, tokens.parquet, power.parquet from the finished cells
+        (in plan order), atomically. Returns row counts per table."""
+        done = [c for c in cells if self.is_done(c)]
+        counts = {}
+        for t in self.TABLES:
+            frames = [self.cell_tables(c)[t] for c in done]
+            frames = [f for f in frames if len(f)]
+            df = pd.concat(frames, ignore_index=True) if frames else to_frame(t, [])
+            if t == "requests" and frames:
+                df = _retype_requests(df)
+            atomic_write_with(self.path / f"{t}.parquet", lambda tmp, df=df: df.to_parquet(tmp, index=False))
+            if t == "requests":
+                atomic_write_with(self.path / "requests.csv", lambda tmp, df=df: df.to_csv(tmp, index=False))
+            counts[t] = len(df)
+        return counts
+
+    def remove_partial(self, cells: Sequence[Cell]) -> int:
+        """Delete the part files of unfinished cells and stray temporaries (left by a kill).
+        Returns how many files were removed."""
+        done = {c.key for c in cells if self.is_done(c)}
+        n = 0
+        for p in list(self.cells_dir.iterdir()) + list(self.path.glob(".*.tmp")):
+            stray_tmp = p.name.startswith(".") and p.name.endswith(".tmp")
+            unfinished = p.is_file() and p.name.split(".")[0] not in done
+            if stray_tmp or unfinished:
+                try:
+                    p.unlink()
+                    n += 1
+                except OSError:
+                    pass
+        return n
+
+
+def _retype_requests(df: pd.DataFrame) -> pd.DataFrame:
+    """Concatenation can widen dtypes (e.g. all-NA columns); bring the schema columns back."""
+    schema = SCHEMAS["requests"]
+    for col, dtype in schema.items():
+        if col in df.columns and str(df[col].dtype) != dtype:
+            try:
+                df[col] = df[col].astype(dtype) if dtype != "bool" else df[col].fillna(False).astype(bool)
+            except (TypeError, ValueError):
+                pass
+    return df
+
+
+# ============================================================================================
+# manifest
+# ============================================================================================
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_revision() -> Optional[str]:
+    """The git commit of the llm_dvfs source tree (``+dirty`` when modified), or None."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               capture_output=True, text=True, timeout=5)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, Optional[str]]:
+    from . import __version__
+
+    out: dict[str, Optional[str]] = {"llm_dvfs": __version__, "python": platform.python_version()}
+    for mod in ("torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "pyarrow", "nltk"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a missing optional package is just absent
+            out[mod] = None
+    try:
+        import torch
+        out["cuda"] = torch.version.cuda
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
+def _serialisable_config(cfg: SweepConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(cfg.to_dict(), default=_json_default))
+
+
+def new_manifest(plan: Plan, argv: Optional[Sequence[str]]) -> dict[str, Any]:
+    gpu = plan.gpu
+    return {
+        "tool": "llm_dvfs.run",
+        "format_version": FORMAT_VERSION,
+        "package_version": _versions()["llm_dvfs"],
+        "git_revision": git_revision(),
+        "started_at": _now_iso(),
+        "finished_at": None,
+        "status": "running",
+        "command": list(argv) if argv is not None else sys.argv,
+        "host": socket.gethostname(),
+        "versions": _versions(),
+        "driver_version": gpu.driver_version if gpu is not None else None,
+        "nvml_version": gpu.nvml_version if gpu is not None else None,
+        "gpus": [g.to_dict() for g in plan.gpus],
+        "measured_gpu": gpu.index if gpu is not None else None,
+        "device": plan.device,
+        "energy_available": plan.energy_available,
+        "mode": plan.mode,
+        "notes": list(plan.notes),
+        "config": {
+            **_serialisable_config(plan.config),
+            # the resolved grid (also what llm_dvfs.report reads)
+            "mode": plan.mode,
+            "resolved_models": plan.models,
+            "resolved_tasks": [t.name for t in plan.tasks],
+            "clock_points": [dataclasses.asdict(c) | {"label": c.label} for c in plan.clock_points],
+            "clocks_mhz": sorted({c.sm_mhz for c in plan.clock_points if c.sm_mhz is not None}, reverse=True),
+        },
+        "tasks": {t.name: {**_task_describe(t.task), "n_samples": len(t.samples)} for t in plan.tasks},
+        "models": {},
+        "cells_total": len(plan.cells),
+        "cells_done": 0,
+        "clock_point_runs": [],
+        "resumes": [],
+    }
+
+
+def _task_describe(task: Any) -> dict[str, Any]:
+    fn = getattr(task, "describe", None)
+    try:
+        return dict(fn()) if callable(fn) else {"task": getattr(task, "name", str(task))}
+    except Exception:  # noqa: BLE001 - the manifest must not fail on a description
+        return {"task": getattr(task, "name", str(task))}
+
+
+# ============================================================================================
+# execution
+# ============================================================================================
+@dataclass
+class SweepResult:
+    """What :func:`execute` returns."""
+
+    out: Path
+    status: str                      # complete | interrupted | failed
+    cells_run: int
+    cells_skipped: int
+    requests: pd.DataFrame
+    summary: Optional[pd.DataFrame]
+    summary_text: str
+    notes: list[str]
+
+
+def _features(task_entry: TaskEntry, tokenizer: Any, ner: str) -> pd.DataFrame:
+    """Input features of a task's prompts (once per model × task: the token features need the
+    model's tokenizer; clock points share them)."""
+    from .features import compute_features
+
+    df = compute_features([s.prompt for s in task_entry.samples], tokenizer,
+                          ner=None if ner == "off" else ner)
+    return df.reset_index(drop=True)
+
+
+class _Progress:
+    """tqdm bars (sweep and cell), or nothing when quiet."""
+
+    def __init__(self, total_requests: int, quiet: bool) -> None:
+        self.quiet = quiet
+        self.sweep = None
+        if not quiet:
+            from tqdm.auto import tqdm
+            self._tqdm = tqdm
+            self.sweep = tqdm(total=total_requests, desc="sweep", unit="req", position=0,
+                              dynamic_ncols=True, file=sys.stderr)
+
+    def cell(self, total: int, desc: str) -> Any:
+        if self.quiet:
+            return None
+        return self._tqdm(total=total, desc=desc[:60], unit="req", position=1, leave=False,
+                          dynamic_ncols=True, file=sys.stderr)
+
+    def advance(self, n: int) -> None:
+        if self.sweep is not None:
+            self.sweep.update(n)
+
+    def close(self) -> None:
+        if self.sweep is not None:
+            self.sweep.close()
+
+
+def execute(plan: Plan, *, argv: Optional[Sequence[str]] = None, quiet: bool = False) -> SweepResult:
+    """Run ``plan`` (from :func:`prepare`), writing the run directory as it goes.
+
+    Returns a :class:`SweepResult` (status ``complete``). A KeyboardInterrupt marks the manifest
+    ``interrupted`` and is re-raised after the clocks are restored; other exceptions mark it
+    ``failed`` and are re-raised. Finished cells are on disk either way; ``--resume`` continues.
+    """
+    cfg = plan.config
+    rd = RunDir(plan.out)
+    if plan.resume:
+        manifest = rd.read_manifest()
+        manifest["resumes"] = list(manifest.get("resumes", [])) + [
+            {"at": _now_iso(), "command": list(argv) if argv is not None else sys.argv,
+             "git_revision": git_revision()}]
+        manifest["status"] = "running"
+        manifest["finished_at"] = None
+        manifest["notes"] = list(dict.fromkeys(list(manifest.get("notes", [])) + plan.notes))
+        rd.create()
+        removed = rd.remove_partial(plan.cells)
+        if removed:
+            log.info("removed %d part file(s) of the cell that was interrupted", removed)
+    else:
+        rd.create()
+        manifest = new_manifest(plan, argv)
+    file_log = _attach_file_log(rd.path / "run.log")
+    rd.write_manifest(manifest)
+    for n in plan.notes:
+        log.warning("%s", n)
+
+    pending = [c for c in plan.cells if not rd.is_done(c)]
+    skipped = len(plan.cells) - len(pending)
+    if skipped:
+        log.info("resuming: %d of %d cells are already done", skipped, len(plan.cells))
+    progress = _Progress(sum(len(plan.task_entry(c.task).samples) for c in pending), quiet)
+    status = "failed"
+    cells_run = 0
+    try:
+        cells_run = _run_cells(plan, rd, manifest, pending, progress)
+        status = "complete"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        progress.close()
+        manifest["status"] = status
+        manifest["finished_at"] = _now_iso() if status == "complete" else None
+        manifest["cells_done"] = sum(1 for c in plan.cells if rd.is_done(c))
+        if status != "complete":
+            manifest.setdefault("interruptions", []).append({"at": _now_iso(), "status": status})
+        try:
+            rd.consolidate(plan.cells)
+            rd.write_manifest(manifest)
+        finally:
+            if file_log is not None:
+                logging.getLogger("llm_dvfs").removeHandler(file_log)
+                file_log.close()
+    requests = pd.read_parquet(rd.path / "requests.parquet")
+    summary, text = summarize_run(requests)
+    if summary is not None:
+        atomic_write_with(rd.path / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
+    return SweepResult(rd.path, status, cells_run, skipped, requests, summary, text, plan.notes)
+
+
+def _attach_file_log(path: Path) -> Optional[logging.Handler]:
+    try:
+        h = logging.FileHandler(path, encoding="utf-8")
+    except OSError:
+        return None
+    h.setLevel(logging.DEBUG)
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    lg = logging.getLogger("llm_dvfs")
+    lg.addHandler(h)
+    if lg.level == logging.NOTSET or lg.level > logging.DEBUG:
+        lg.setLevel(logging.DEBUG)  # handlers filter; the file gets everything
+    return h
+
+
+def _run_cells(plan: Plan, rd: RunDir, manifest: dict[str, Any], pending: list[Cell], progress: _Progress) -> int:
+    from .monitor import PowerMonitor
+
+    cfg = plan.config
+    if not pending:
+        return 0
+    mon = None
+    if plan.gpu is not None:
+        mon = PowerMonitor(devices=[plan.gpu.index]).start()
+    ctl = None
+    if plan.mode == "sweep":
+        from .clocks import ClockController
+        ctl = ClockController(plan.gpu.index, allow_clock_changes=True,
+                              settle_tolerance_mhz=cfg.settle_tolerance_mhz)
+    n_run = 0
+    try:
+        for model in plan.models:
+            todo_m = [c for c in pending if c.model == model]
+            if not todo_m:
+                continue
+            loaded, runner = _load(plan, model, mon, manifest, rd)
+            feats: dict[str, pd.DataFrame] = {}
+            for cp in plan.clock_points:
+                todo = [c for c in todo_m if c.clock == cp]
+                if not todo:
+                    continue
+                if ctl is not None and not cp.as_found:
+                    with ctl.locked(cp.sm_mhz, cp.mem_mhz, power_limit_w=cp.power_limit_w) as lock:
+                        n_run += _clock_point(plan, rd, manifest, runner, mon, cp, todo, feats, loaded,
+                                              progress, lock)
+                else:
+                    n_run += _clock_point(plan, rd, manifest, runner, mon, cp, todo, feats, loaded,
+                                          progress, None)
+            del runner, loaded
+            _free_memory(plan.device)
+    finally:
+        if mon is not None:
+            mon.stop()
+    return n_run
+
+
+def _free_memory(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.empty_cache()
+
+
+def _load(plan: Plan, model: str, mon: Any, manifest: dict[str, Any], rd: RunDir) -> tuple[Any, Any]:
+    from .models import load_model
+    from .runner import GenerationSettings, Runner
+
+    cfg = plan.config
+    t0 = time.monotonic()
+    log.info("loading %s (%s) on %s", model, cfg.dtype, plan.device)
+    loaded = load_model(model, dtype=cfg.dtype, device=plan.device, seed=cfg.seed)
+    log.info("loaded %s: %.3g M parameters, %s, in %.1f s", model, loaded.n_params / 1e6, loaded.dtype,
+             time.monotonic() - t0)
+    manifest.setdefault("models", {})[model] = loaded.describe()
+    rd.write_manifest(manifest)
+    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, fixed_output_length=cfg.fixed_output_length,
+                                  decoding=cfg.decoding, temperature=cfg.temperature, top_p=cfg.top_p,
+                                  seed=cfg.seed)
+    runner = Runner(loaded, mon, settings, gpu_name=plan.gpu.name if plan.gpu is not None else "")
+    return loaded, runner
+
+
+def _clock_point(plan: Plan, rd: RunDir, manifest: dict[str, Any], runner: Any, mon: Any, cp: ClockPoint,
+                 todo: list[Cell], feats: dict[str, pd.DataFrame], loaded: Any,
+                 progress: _Progress, lock: Any) -> int:
+    cfg = plan.config
+    # other processes may have started since the plan was made
+    notes: list[str] = []
+    check_busy(plan.gpu, cfg.on_busy_gpu, notes)
+    # warm-up + settle check: the first task's prompts at the first batch size
+    first = plan.task_entry(todo[0].task)
+    prompts = [s.prompt for s in first.samples]
+    info: dict[str, Any] = {"model": todo[0].model, "clock": cp.label, **cp.requested_row(),
+                            "started_at": _now_iso(), "notes": notes}
+    if lock is not None:
+        info["lock"] = {"settled": bool(lock.settled), "waited_s": lock.waited_s,
+                        "observed_sm_mhz": lock.observed_sm_mhz, "observed_mem_mhz": lock.observed_mem_mhz,
+                        "reasons": list(lock.reasons), "mem_method": lock.mem_method}
+    w = mon.begin_window("warmup") if mon is not None else None
+    warm_s = runner.warmup(prompts, todo[0].batch_size, max(cfg.warmup, 1 if lock is not None else 0))
+    settle: dict[str, Any] = {"warmup_s": warm_s}
+    if w is not None:
+        w.end()
+        m = w.measurement()
+        settle.update(observed_sm_mhz=m.sm_mhz, observed_mem_mhz=m.mem_mhz, reasons=m.clock_event_reasons,
+                      avg_power_w=m.avg_power_w)
+        if cp.sm_mhz is not None and math.isfinite(m.sm_mhz):
+            settle["settled"] = abs(m.sm_mhz - cp.sm_mhz) <= cfg.settle_tolerance_mhz
+            if not settle["settled"]:
+                from .clocks import decode_clock_event_reasons
+                msg = (f"{cp.label}: the SM clock did not settle during warm-up: requested {cp.sm_mhz} MHz, "
+                       f"observed median {m.sm_mhz:.0f} MHz (reasons: "
+                       f"{', '.join(decode_clock_event_reasons(m.clock_event_reasons)) or 'none'})")
+                log.warning("%s", msg)
+                notes.append(msg)
+    info["settle"] = settle
+    # idle baseline at this clock point
+    idle_w = math.nan
+    if mon is not None and cfg.idle_s > 0:
+        idle_w = float(mon.measure_idle(cfg.idle_s))
+        log.info("%s: idle baseline %.1f W over %.1f s", cp.label, idle_w, cfg.idle_s)
+    info["idle_power_w"] = idle_w
+    manifest.setdefault("clock_point_runs", []).append(info)
+    rd.write_manifest(manifest)
+
+    n = 0
+    for cell in todo:
+        entry = plan.task_entry(cell.task)
+        if cell.task not in feats:
+            t0 = time.monotonic()
+            feats[cell.task] = _features(entry, loaded.tokenizer, cfg.ner)
+            manifest.setdefault("features", {})[f"{cell.model}|{cell.task}"] = {
+                "ner_estimator": feats[cell.task].attrs.get("ner_estimator"),
+                "tokenizer": str(feats[cell.task].attrs.get("tokenizer", "")),
+                "columns": [c for c in feats[cell.task].columns if c.startswith("feat_")],
+                "seconds": round(time.monotonic() - t0, 3)}
+        _run_cell(plan, rd, manifest, runner, mon, cell, entry, feats[cell.task], idle_w, progress)
+        n += 1
+    info["finished_at"] = _now_iso()
+    rd.write_manifest(manifest)
+    return n
+
+
+def _run_cell(plan: Plan, rd: RunDir, manifest: dict[str, Any], runner: Any, mon: Any, cell: Cell,
+              entry: TaskEntry, feats: pd.DataFrame, idle_w: float, progress: _Progress) -> None:
+    cfg = plan.config
+    t0 = time.monotonic()
+    bar = progress.cell(len(entry.samples), f"{cell.model} {cell.task} {cell.clock.label} bs{cell.batch_size}")
+    context = {"task": cell.task, **cell.clock.requested_row(), "idle_power_w": idle_w}
+    try:
+        rows = runner.run(entry.task, entry.samples, batch_size=cell.batch_size, cell_id=cell.cell_id,
+                          context=context, features=feats, warmup=cfg.warmup, repeat=cell.repeat,
+                          progress=bar, on_batch=progress.advance)
+    finally:
+        if bar is not None:
+            bar.close()
+    requests = to_frame("requests", rows.requests)
+    tokens = to_frame("tokens", rows.tokens)
+    if mon is not None and math.isfinite(rows.t_start_s):
+        tr = mon.trace(rows.t_start_s, rows.t_end_s)
+        power = to_frame("power", [{"cell_id": cell.cell_id, "t_s": t, "device": d, "power_w": p, "source": s}
+                                   for t, d, p, s in tr[["t_s", "device", "power_w", "source"]].itertuples(index=False)])
+    else:
+        power = to_frame("power", [])
+    for wmsg in rows.warnings:
+        log.warning("%s: %s", cell.cell_id, wmsg)
+    rd.write_cell(cell, {"requests": requests, "tokens": tokens, "power": power},
+                  {"finished_at": _now_iso(), "wall_s": time.monotonic() - t0, "n_requests": len(requests),
+                   "warnings": rows.warnings, "attribution": rows.attribution})
+    rd.consolidate(plan.cells)
+    manifest["cells_done"] = manifest.get("cells_done", 0) + 1
+    rd.write_manifest(manifest)
+    e = requests["energy_j"].median() if len(requests) else math.nan
+    log.info("cell %d/%d done: %s (%d requests, median energy %s J, %.1f s)", cell.index + 1, len(plan.cells),
+             cell.cell_id, len(requests), "n/a" if not math.isfinite(e) else f"{e:.3g}", time.monotonic() - t0)
+
+
+# ============================================================================================
+# summary
+# ============================================================================================
+def summarize_run(requests: pd.DataFrame, n_boot: int = 200) -> tuple[Optional[pd.DataFrame], str]:
+    """Per model × task × batch size × clock point: medians (energy/request, J/token, latency,
+    TTFT, TPOT, average power), mean quality, and the change vs the highest clock. Returns the
+    table (analysis.summarize's columns) and its text rendering."""
+    if requests is None or requests.empty:
+        return None, "(no requests were measured)"
+    from . import analysis
+
+    keys = analysis.default_group_keys(requests)
+    summary = analysis.summarize(requests, group_keys=keys, n_boot=n_boot)
+    try:
+        from . import report
+        optimal = analysis.optimal_clocks(summary, group_keys=keys) if hasattr(analysis, "optimal_clocks") else None
+        key = report.key_table(summary, optimal if optimal is not None else pd.DataFrame(), keys)
+        text = report.format_key_table(key, keys)
+    except Exception as e:  # noqa: BLE001 - the plain table below is always possible
+        log.debug("report key table unavailable (%s); plain summary", e)
+        text = _plain_summary(summary, keys)
+    return summary, text
+
+
+def _plain_summary(summary: pd.DataFrame, keys: Sequence[str]) -> str:
+    cols = list(keys) + ["clock_label", "n", "energy_j_median", "j_per_token_median", "latency_s_median",
+                         "ttft_s_median", "tpot_s_median", "avg_power_w_median", "quality_mean",
+                         "energy_j_delta_pct", "latency_s_delta_pct"]
+    cols = [c for c in cols if c in summary.columns]
+    return summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+__all__ = ["SweepConfig", "FIELD_HELP", "load_config", "load_config_file", "config_from_mapping",
+           "parse_clock_spec", "resolve_clocks", "ClockPoint", "Cell", "Plan", "prepare", "execute",
+           "SweepResult", "RunDir", "GpuBusy", "summarize_run", "busy_processes", "check_busy",
+           "DEFAULT_GPU_MODEL", "DEFAULT_CPU_MODEL", "embedded_default", "resume_config"]
