@@ -255,6 +255,30 @@ def test_capabilities_and_state(gpu):
     assert st.power_w == pytest.approx(300.0, rel=0.01)
 
 
+@pytest.mark.fake_gpu(devices=2)
+def test_two_gpus_are_guarded_independently(gpu, monkeypatch):
+    c0 = ld.ClockController(0, allow_clock_changes=True)
+    c1 = ld.ClockController("cuda:1", allow_clock_changes=True)
+    c0.lock(1200)
+    c1.lock(1500)
+    assert gpu.locked_clocks(0) == (1200, 1200) and gpu.locked_clocks(1) == (1500, 1500)
+    assert set(clocks._guard().snapshot()["devices"]) == {"0", "1"}
+    c1.reset()
+    assert gpu.locked_clocks(1) == (0, 0) and gpu.locked_clocks(0) == (1200, 1200)
+    clocks.restore_all()  # what the exit handlers run
+    assert gpu.is_pristine(0) and gpu.is_pristine(1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    only = ld.ClockController(0, allow_clock_changes=True)  # CUDA ordinal 0 is NVML GPU 1
+    assert only.nvml_index == 1
+    with only.locked(1305):
+        assert gpu.locked_clocks(1) == (1305, 1305) and gpu.locked_clocks(0) == (0, 0)
+    assert gpu.is_pristine(1)
+    with pytest.raises(ld.ConfigError, match="GPU 1 is not visible"):
+        ld.ClockController(1)
+    with pytest.raises(ld.ConfigError, match="got 'all'"):
+        ld.ClockController("all")
+
+
 # ---- the watchdog --------------------------------------------------------------------------
 def test_watchdog_is_replaced_if_it_dies_and_restores_on_sigterm(gpu):
     ctl = ld.ClockController(0, allow_clock_changes=True)

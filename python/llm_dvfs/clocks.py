@@ -588,7 +588,12 @@ class ClockController:
     ) -> None:
         from .devices import devices, nvml_index
 
-        self.nvml_index = nvml_index(device)
+        try:
+            self.nvml_index = nvml_index(device)
+        except ValueError as e:
+            if isinstance(e, errors.ConfigError):
+                raise
+            raise errors.ConfigError(f"device must be a GPU index, 'cuda:N' or a UUID, got {device!r}") from None
         self.info = next(d for d in devices() if d.nvml_index == self.nvml_index)
         self.device = self.info.index
         self.allow_clock_changes = bool(allow_clock_changes)
