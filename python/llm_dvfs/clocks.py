@@ -1171,8 +1171,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if command:
                 rc = subprocess.call(command)
             else:
-                print("holding the lock; Ctrl-C (or SIGTERM) restores", file=sys.stderr, flush=True)
                 try:
+                    print("holding the lock; Ctrl-C (or SIGTERM) restores", file=sys.stderr,
+                          flush=True)
                     while True:
                         signal.pause()
                 except KeyboardInterrupt:
