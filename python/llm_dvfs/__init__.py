@@ -31,6 +31,10 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
+# `devices` is both a submodule and the public function: bind the function eagerly (devices.py
+# is light and loads no library), so a later `import llm_dvfs.devices` cannot shadow it.
+from .devices import DeviceInfo, devices  # noqa: E402
+
 
 def __getattr__(name: str) -> Any:
     mod = _EXPORTS.get(name)
