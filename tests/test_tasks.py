@@ -83,6 +83,8 @@ def test_empty_after_filtering_is_config_error(tmp_path):
 def test_mapping_to_missing_column_lists_columns(boolq_file):
     with pytest.raises(ConfigError, match=r"column 'question'.*columns: a, p, q, uid"):
         get_task(f"boolq:file={boolq_file},passage=p,answer=a").samples()
+    with pytest.raises(ConfigError, match=r"column 'key' \(for field 'id'\)"):
+        get_task(f"boolq:file={boolq_file},question=q,passage=p,answer=a,id=key").samples()
 
 
 def test_missing_file_and_unknown_format(tmp_path):

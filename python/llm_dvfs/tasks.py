@@ -34,7 +34,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .configs import textgen
 from .errors import ConfigError, DataNotFound
@@ -295,9 +295,11 @@ class Task:
             return self._records
         raw = self._raw_records()
         present = set(raw[0]) if raw else set()
-        for f in self.fields:
+        for f in self.fields + self.optional_fields:
             col = self.columns[f]
-            if raw and col not in present and "|" not in col and not self._column_optional(f, present):
+            # required fields must exist; optional ones only when mapped explicitly
+            needed = (f in self.fields and not self._column_optional(f, present)) or col != f
+            if raw and needed and col not in present and "|" not in col:
                 raise ConfigError(f"task {self.name}: column {col!r} (for field {f!r}) not in "
                                   f"{self.source()}; columns: {', '.join(map(str, sorted(present)))}")
         out = []
@@ -371,14 +373,6 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<Task {self.name} from {self.source()}>"
-
-
-def _cut(text: str, stops: Iterable[str]) -> str:
-    for s in stops:
-        i = text.find(s)
-        if i >= 0:
-            text = text[:i]
-    return text
 
 
 class BoolQTask(Task):
