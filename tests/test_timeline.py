@@ -206,8 +206,9 @@ def _build_fake(tmp: Path, name: str, *flags: str) -> Path:
     if cc is None:
         pytest.skip("no C compiler to build the fake libcuda")
     out = tmp / name
-    subprocess.run([cc, "-shared", "-fPIC", "-O2", *flags, "-o", str(out),
-                    str(FAKES / "fake_cuda.c"), "-lpthread"], check=True)
+    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11",
+                    "-fvisibility=hidden", "-pthread", *flags, "-o", str(out),
+                    str(FAKES / "fake_cuda.c")], check=True)
     return out
 
 
@@ -450,3 +451,33 @@ def test_missing_library_is_library_not_found(tmp_path):
     env = dict(os.environ, LLM_DVFS_CUDA_LIBRARY=str(tmp_path / "nope.so"))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.native
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+@pytest.mark.parametrize("sanitize", ["thread", "address,undefined"])
+def test_timeline_under_sanitizers(tmp_path, sanitize):
+    """tests/native/timeline_stress.cpp with the timeline sources under TSan / ASan+UBSan:
+    event marks checked against the fake's true times, callback slots written by the driver
+    thread, Timelines destroyed with callbacks pending, a concurrent stats reader."""
+    lib = _build_fake(tmp_path, "libfake_cuda.so")
+    exe = tmp_path / f"timeline_stress_{sanitize.replace(',', '_')}"
+    srcs = [ROOT / "csrc" / f for f in ("dynlib.cpp", "nvml.cpp", "device.cpp", "sampler.cpp", "timeline.cpp")]
+    cmd = ["g++", "-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}",
+           "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'csrc'}", str(ROOT / "tests" / "native" / "timeline_stress.cpp"),
+           *map(str, srcs), "-o", str(exe), "-ldl", "-lpthread"]
+    b = subprocess.run(cmd, capture_output=True, text=True)
+    assert b.returncode == 0, b.stderr[-4000:]
+    env = dict(os.environ, LLM_DVFS_CUDA_LIBRARY=str(lib),
+               TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1",
+               ASAN_OPTIONS="halt_on_error=1:detect_leaks=1",
+               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+    r = subprocess.run([str(exe), "100"], env=env, capture_output=True, text=True, timeout=600)
+    report = r.stdout + r.stderr
+    assert r.returncode == 0, report[-4000:]
+    assert "WARNING: ThreadSanitizer" not in report and "ERROR: AddressSanitizer" not in report
+    assert "runtime error" not in report, report[-4000:]
+    assert "OK cycles=100" in report
