@@ -67,6 +67,7 @@ class SyntheticRun:
     planted_optimum_mhz: float | None
     expected_energy_j: dict[float, float] = field(default_factory=dict)   # per clock, noise-free
     expected_latency_s: dict[float, float] = field(default_factory=dict)
+    t_start_s: list[float] = field(default_factory=list)   # per request row, host time
 
 
 def expected_request(f_mhz: float, tokens_in: float, tokens_out: int) -> tuple[float, float]:
@@ -144,18 +145,18 @@ def make_requests(*, models: Sequence[str] = ("toy/llama-tiny",), tasks: Sequenc
                         })
                         t0 += lat + 0.05
     df = to_frame("requests", [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
-    df.attrs["t_start_s"] = [r["_t_start_s"] for r in rows]
     tin_med = float(np.median(tin_by_sample))
     exp_e = {f: expected_request(f, tin_med, tokens_out)[0] for f in points if not observe}
     exp_l = {f: expected_request(f, tin_med, tokens_out)[1] for f in points if not observe}
     opt = min(exp_e, key=exp_e.get) if exp_e else None
-    return SyntheticRun(df, tuple(points), tokens_out, opt, exp_e, exp_l)
+    return SyntheticRun(df, tuple(points), tokens_out, opt, exp_e, exp_l, [r["_t_start_s"] for r in rows])
 
 
-def tokens_and_power(requests: pd.DataFrame, *, sample_period_s: float = 0.02) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Token marks and a 50 Hz power trace consistent with ``requests`` (run back to back,
-    50 ms idle gaps at :data:`IDLE_POWER_W`)."""
-    starts = requests.attrs.get("t_start_s")
+def tokens_and_power(requests: pd.DataFrame, t_start_s: Sequence[float] | None = None, *,
+                     sample_period_s: float = 0.02) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Token marks and a 50 Hz power trace consistent with ``requests`` (run back to back from
+    ``t_start_s``, default: 50 ms idle gaps at :data:`IDLE_POWER_W`)."""
+    starts = t_start_s
     if starts is None:
         starts = list(1000.0 + np.cumsum(np.r_[0, requests["latency_s"].to_numpy()[:-1] + 0.05]))
     tok_rows, pow_rows = [], []
@@ -204,11 +205,9 @@ def make_run_dir(path: Path, *, write_parquet: bool = True, with_traces: bool = 
     }
     (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if with_traces:
-        tok, pw = tokens_and_power(req)
+        tok, pw = tokens_and_power(req, run.t_start_s)
         tok.to_parquet(path / "tokens.parquet", index=False)
         pw.to_parquet(path / "power.parquet", index=False)
-    req = req.copy()
-    req.attrs = {}  # the start times are fixture bookkeeping, not part of the table
     if write_parquet:
         req.to_parquet(path / "requests.parquet", index=False)
     req.to_csv(path / "requests.csv", index=False)

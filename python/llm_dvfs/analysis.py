@@ -77,7 +77,8 @@ def with_clock_mhz(requests: pd.DataFrame, group_keys: Sequence[str] | None = No
     point share one position on the clock axis. NaN when neither is known.
     """
     keys = list(group_keys) if group_keys is not None else default_group_keys(requests)
-    df = requests.copy()
+    df = requests.copy(deep=False)
+    df.attrs = {}  # pandas deep-copies attrs on every operation; metadata is not needed here
     req = pd.to_numeric(df["sm_mhz_requested"], errors="coerce").astype(float)
     obs = pd.to_numeric(df["sm_mhz_observed"], errors="coerce").astype(float)
     df["observe"] = req.isna().to_numpy()
@@ -129,16 +130,25 @@ def bootstrap_medians(values: np.ndarray, n_boot: int, rng: np.random.Generator,
 
     Returns an empty array when ``values`` is empty. NaNs must be removed by the caller.
     """
-    v = np.asarray(values, dtype=float)
+    if stat not in ("median", "mean"):
+        raise ValueError(f"stat must be 'median' or 'mean', got {stat!r}")
+    v = np.sort(np.asarray(values, dtype=float))
     n = v.size
     if n == 0 or n_boot <= 0:
         return np.empty(0)
-    fn = {"median": np.median, "mean": np.mean}[stat]
     out = np.empty(n_boot)
     step = max(1, _BOOT_CHUNK_ELEMS // n)
+    lo, hi = (n - 1) // 2, n // 2
     for i in range(0, n_boot, step):
         m = min(step, n_boot - i)
-        out[i:i + m] = fn(v[rng.integers(0, n, size=(m, n))], axis=1)
+        idx = rng.integers(0, n, size=(m, n), dtype=np.int64 if n > 2**31 - 1 else np.int32)
+        if stat == "mean":
+            out[i:i + m] = v[idx].mean(axis=1)
+        else:
+            # v is sorted, so the median of v[idx] is v at the median of idx: sorting small
+            # integer rows is several times faster than a float median of the gathered values.
+            idx.sort(axis=1)
+            out[i:i + m] = 0.5 * (v[idx[:, lo]] + v[idx[:, hi]])
     return out
 
 
@@ -246,42 +256,49 @@ def summarize(requests: pd.DataFrame, *, group_keys: Sequence[str] | None = None
                    ("center", "ci_low", "ci_high", "n", "delta_pct", "delta_pct_ci_low", "delta_pct_ci_high")]
     if not rows:
         return pd.DataFrame(columns=base_cols + metric_cols + ["is_reference", "pareto"])
-    out = pd.DataFrame(rows)
-    out["is_reference"] = False
-
-    # Reference and deltas, per group.
-    gidx = out.groupby(keys, dropna=False, sort=False).indices if keys else {(): np.arange(len(out))}
+    # Reference and deltas, per group; on the row dicts (pandas cell writes are slow).
+    for r in rows:
+        r["is_reference"] = False
+    if keys:
+        gidx = pd.DataFrame([{k: r[k] for k in keys} for r in rows]).groupby(keys, dropna=False, sort=False).indices
+    else:
+        gidx = {(): np.arange(len(rows))}
     for _, idx in gidx.items():
-        idx = np.asarray(idx)
-        sub = out.iloc[idx]
-        order = np.lexsort((_nan_high(sub["power_limit_w_requested"]), _nan_high(sub["mem_mhz_requested"]),
-                            np.nan_to_num(sub["clock_mhz"].to_numpy(dtype=float), nan=-np.inf)))
-        ref = int(idx[order[-1]])
-        out.loc[ref, "is_reference"] = True
+        idx = [int(i) for i in idx]
+        clk = np.array([rows[i]["clock_mhz"] for i in idx], dtype=float)
+        mem = _nan_high(pd.Series([rows[i]["mem_mhz_requested"] for i in idx], dtype="float64"))
+        plim = _nan_high(pd.Series([rows[i]["power_limit_w_requested"] for i in idx], dtype="float64"))
+        ref = idx[int(np.lexsort((plim, mem, np.nan_to_num(clk, nan=-np.inf)))[-1])]
+        rows[ref]["is_reference"] = True
         for m in metrics:
-            ref_med = out.at[ref, center_column(m)]
-            ref_b = boots[ref][m]
+            cc = center_column(m)
+            ref_med, ref_b = rows[ref][cc], boots[ref][m]
+            with_ci = []
             for i in idx:
-                i = int(i)
-                med = out.at[i, center_column(m)]
-                if not (np.isfinite(ref_med) and np.isfinite(med)) or ref_med == 0:
-                    d = lo = hi = math.nan
-                elif i == ref:
-                    d = lo = hi = 0.0
-                else:
-                    d = (med / ref_med - 1.0) * 100.0
-                    bi = boots[i][m]
-                    k = min(bi.size, ref_b.size)
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        ratio = bi[:k] / ref_b[:k]
-                    ratio = ratio[np.isfinite(ratio)]
-                    if ratio.size and out.at[i, f"{m}_n"] >= 2 and out.at[ref, f"{m}_n"] >= 2:
-                        lo, hi = ((np.percentile(ratio, [lo_q, hi_q]) - 1.0) * 100.0).tolist()
-                    else:
-                        lo = hi = math.nan
-                out.loc[i, f"{m}_delta_pct"] = d
-                out.loc[i, f"{m}_delta_pct_ci_low"] = lo
-                out.loc[i, f"{m}_delta_pct_ci_high"] = hi
+                r = rows[i]
+                r[f"{m}_delta_pct"] = r[f"{m}_delta_pct_ci_low"] = r[f"{m}_delta_pct_ci_high"] = math.nan
+                if not (np.isfinite(ref_med) and np.isfinite(r[cc])) or ref_med == 0:
+                    continue
+                if i == ref:
+                    r[f"{m}_delta_pct"] = r[f"{m}_delta_pct_ci_low"] = r[f"{m}_delta_pct_ci_high"] = 0.0
+                    continue
+                r[f"{m}_delta_pct"] = (r[cc] / ref_med - 1.0) * 100.0
+                if r[f"{m}_n"] >= 2 and rows[ref][f"{m}_n"] >= 2:
+                    with_ci.append(i)
+            if with_ci:
+                # CI of the ratio of medians: pair the i-th resample of each point with the i-th
+                # of the reference (independent draws), all points of the group at once.
+                k = min([ref_b.size] + [boots[i][m].size for i in with_ci])
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ratio = np.stack([boots[i][m][:k] for i in with_ci]) / ref_b[:k]
+                ratio[~np.isfinite(ratio)] = np.nan
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows stay NaN
+                    q = (np.nanpercentile(ratio, [lo_q, hi_q], axis=1) - 1.0) * 100.0
+                for j, i in enumerate(with_ci):
+                    rows[i][f"{m}_delta_pct_ci_low"] = float(q[0, j])
+                    rows[i][f"{m}_delta_pct_ci_high"] = float(q[1, j])
+    out = pd.DataFrame(rows)
     out["pareto"] = pareto_frontier(out, group_keys=keys)
 
     for c in base_cols + metric_cols:

@@ -109,24 +109,37 @@ def plot_metric_vs_clock(summary: pd.DataFrame, metric: str = "energy_j", *,
     groups = list(summary.groupby(pk, dropna=False, sort=True)) if len(summary) else []
     fig, axes = _figure(len(groups))
     cc = center_column(metric)
+    skeys = [k for k in ("batch_size", "mem_mhz_requested", "power_limit_w_requested", "observe")
+             if k in summary.columns]
+
+    def series_label(row: pd.Series) -> str:
+        lab = _series_label(summary, row)
+        if row.get("observe", False):
+            lab = (lab + ", " if lab else "") + "as found"
+        return lab
+
+    # one colour per series across all panels
+    labels = sorted({series_label(r) for _, r in summary.iterrows()}) if len(summary) else []
+    color_of = {lab: f"C{i % 10}" for i, lab in enumerate(labels)}
     for ax, (key, g) in zip(axes, groups):
         key = key if isinstance(key, tuple) else (key,)
         ax.set_title(_label(pk, key), fontsize=10)
         if cc not in g.columns or not np.isfinite(g[cc].to_numpy(dtype=float)).any():
             _no_data(ax, f"no {metric} data")
             continue
-        skeys = [k for k in ("batch_size", "mem_mhz_requested", "power_limit_w_requested") if k in g.columns]
         for _, s in g.groupby(skeys, dropna=False, sort=True):
             s = s.sort_values("clock_mhz")
             x = s["clock_mhz"].to_numpy(dtype=float)
             y = s[cc].to_numpy(dtype=float)
+            lab = series_label(s.iloc[0])
+            color = color_of.get(lab, "C0")
             xerr = None
-            if s["observe"].any():
+            observe = bool(s["observe"].any())
+            if observe:  # as-found points: a square at the median observed clock, bar = observed range
                 xerr = np.vstack([np.nan_to_num(x - s["sm_mhz_observed_min"].to_numpy(dtype=float), nan=0),
                                   np.nan_to_num(s["sm_mhz_observed_max"].to_numpy(dtype=float) - x, nan=0)]).clip(0)
-            line = ax.errorbar(x, y, yerr=_yerr(s, metric), xerr=xerr, marker="o", ms=4, capsize=3, lw=1.4,
-                               label=_series_label(summary, s.iloc[0]) or None)
-            color = line[0].get_color()
+            ax.errorbar(x, y, yerr=_yerr(s, metric), xerr=xerr, marker="s" if observe else "o", ms=5 if observe else 4,
+                        capsize=3, lw=1.4, ls="none" if observe else "-", color=color, label=lab or None)
             ref = s[s["is_reference"]]
             if len(ref):
                 ax.plot(ref["clock_mhz"], ref[cc], marker="*", ms=13, color=color, ls="none", mec="k", mew=0.6)

@@ -345,19 +345,23 @@ def findings(summary: pd.DataFrame, optimal: pd.DataFrame, corr_ref: pd.DataFram
     elif len(energy_corr):
         c = corr_ref[(corr_ref["target"] == "energy_j") & (corr_ref["spearman_q"] < 0.05)]
         if len(c):
-            c = c.reindex(c["spearman_rho"].abs().sort_values(ascending=False).index)
-            seen = set()
-            for _, r in c.iterrows():
-                gk = tuple(r[k] for k in keys)
-                if gk in seen:
-                    continue
-                seen.add(gk)
-                out.append(f"{_group_label(r, keys)}: at the reference clock, energy per request rises most "
-                           f"with {r['feature']} " if r["spearman_rho"] > 0 else
-                           f"{_group_label(r, keys)}: at the reference clock, energy per request falls most "
-                           f"with {r['feature']} ")
-                out[-1] += (f"(Spearman ρ = {r['spearman_rho']:+.2f}, q = {fmt_num(r['spearman_q'], 2)}, "
-                            f"n = {int(r['n'])}).")
+            # the strongest significant feature of each group, then one sentence per feature
+            c = c.assign(_abs=c["spearman_rho"].abs())
+            c = c[c["_abs"] >= c.groupby(list(keys), dropna=False)["_abs"].transform("max") - 1e-12]
+            # features tied at the top of a group (e.g. two collinear ones) are named together
+            tied = c.groupby(list(keys), dropna=False)["feature"].transform(lambda f: " / ".join(sorted(f)))
+            top = c.assign(feature=tied).drop_duplicates(list(keys), keep="first")
+            n_groups = len(energy_corr.drop_duplicates(list(keys)))
+            for feat, t in top.groupby("feature", sort=False):
+                lo, hi = t["spearman_rho"].min(), t["spearman_rho"].max()
+                rho = f"ρ = {lo:+.2f}" if len(t) == 1 else f"ρ from {lo:+.2f} to {hi:+.2f}"
+                where = (_group_label(t.iloc[0], keys) if n_groups == 1 else
+                         f"in {len(t)} of {n_groups} model × task groups" if len(t) > 1 else
+                         f"for {_group_label(t.iloc[0], keys)}")
+                out.append(f"At the reference clock, energy per request is most strongly associated with {feat} "
+                           f"{where if n_groups > 1 else '(' + where + ')'} (Spearman {rho}, "
+                           f"largest q = {fmt_num(t['spearman_q'].max(), 2)}, n = {int(t['n'].min())}"
+                           f"{'' if t['n'].nunique() == 1 else '+'} requests per group).")
         else:
             out.append("No input feature is significantly associated with energy per request at the reference "
                        "clock (Spearman, Benjamini-Hochberg q < 0.05).")
@@ -531,6 +535,11 @@ def _choose_request(run: RunData, summary: pd.DataFrame, keys: Sequence[str]) ->
             lat = pd.to_numeric(g["latency_s"], errors="coerce")
             i = (lat - lat.median()).abs().fillna(np.inf).to_numpy().argmin()
             return str(g["request_id"].iloc[int(i)])
+    # no reference-clock request has marks (e.g. traces of part of a run): any request that has
+    any_ = run.requests[run.requests["request_id"].astype(str).isin(have)]
+    if len(any_):
+        lat = pd.to_numeric(any_["latency_s"], errors="coerce")
+        return str(any_["request_id"].iloc[int((lat - lat.median()).abs().fillna(np.inf).to_numpy().argmin())])
     return None
 
 
