@@ -24,6 +24,7 @@ Importing this module loads neither torch, transformers nor the CUDA driver.
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -354,6 +355,16 @@ def _make_hooks():
 
         def __init__(self, timer: "TokenTimer") -> None:
             self.timer = timer
+
+            # LogitsProcessorList runs inspect.signature(processor.__call__) on every step
+            # (~20 µs, 6x the mark itself). An instance attribute shadows the bound method for
+            # that lookup only (calls still go through type(self).__call__), and a function
+            # with a precomputed __signature__ makes the inspection nearly free.
+            def _signature(input_ids, scores):  # pragma: no cover - never called
+                return scores
+
+            _signature.__signature__ = inspect.signature(_signature)
+            self.__call__ = _signature
 
         def __call__(self, input_ids, scores):
             self.timer._step()
