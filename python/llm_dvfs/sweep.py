@@ -948,8 +948,21 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats as None (strict JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n").encode())
+    """Write ``obj`` as strict JSON (NaN → null), atomically."""
+    text = json.dumps(_finite(json.loads(json.dumps(obj, default=_json_default))), indent=2, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 class RunDir:
@@ -1370,17 +1383,14 @@ def _clock_point(plan: Plan, rd: RunDir, manifest: dict[str, Any], runner: Any, 
     if w is not None:
         w.end()
         m = w.measurement()
-        settle.update(observed_sm_mhz=m.sm_mhz, observed_mem_mhz=m.mem_mhz, reasons=m.clock_event_reasons,
-                      avg_power_w=m.avg_power_w)
-        if cp.sm_mhz is not None and math.isfinite(m.sm_mhz):
-            settle["settled"] = abs(m.sm_mhz - cp.sm_mhz) <= cfg.settle_tolerance_mhz
-            if not settle["settled"]:
-                from .clocks import decode_clock_event_reasons
-                msg = (f"{cp.label}: the SM clock did not settle during warm-up: requested {cp.sm_mhz} MHz, "
-                       f"observed median {m.sm_mhz:.0f} MHz (reasons: "
-                       f"{', '.join(decode_clock_event_reasons(m.clock_event_reasons)) or 'none'})")
-                log.warning("%s", msg)
-                notes.append(msg)
+        settle["warmup_avg_power_w"] = m.avg_power_w
+    if plan.gpu is not None:
+        settle.update(settle_check(plan.gpu.nvml_index, cp, cfg.settle_tolerance_mhz))
+        if not settle.get("settled", True):
+            msg = (f"{cp.label}: the GPU did not settle after the warm-up: {settle.get('detail', '')}; "
+                   "the rows record the clocks observed during each request")
+            log.warning("%s", msg)
+            notes.append(msg)
     info["settle"] = settle
     # idle baseline at this clock point
     idle_w = math.nan
@@ -1407,6 +1417,43 @@ def _clock_point(plan: Plan, rd: RunDir, manifest: dict[str, Any], runner: Any, 
     info["finished_at"] = _now_iso()
     rd.write_manifest(manifest)
     return n
+
+
+def settle_check(nvml_index: int, cp: ClockPoint, tolerance_mhz: float, timeout_s: float = 2.0,
+                 poll_s: float = 0.02) -> dict[str, Any]:
+    """After a clock change and the warm-up: poll the GPU until the observed clocks (and power
+    limit) match ``cp`` on two consecutive reads, or ``timeout_s`` passes.
+
+    Returns ``settled`` (None in observe mode: nothing to match), ``waited_s``, the last
+    ``observed_sm_mhz``/``observed_mem_mhz``/``power_limit_w``, ``reasons`` (decoded
+    clock-event reasons) and a ``detail`` text when not settled. Never raises.
+    """
+    from .clocks import read_state
+
+    t0 = time.monotonic()
+    good = 0
+    st = None
+    try:
+        while True:
+            st = read_state(nvml_index)
+            ok = ((cp.sm_mhz is None or (st.sm_mhz is not None and abs(st.sm_mhz - cp.sm_mhz) <= tolerance_mhz))
+                  and (cp.mem_mhz is None or (st.mem_mhz is not None and abs(st.mem_mhz - cp.mem_mhz) <= tolerance_mhz))
+                  and (cp.power_limit_w is None or (st.power_limit_w is not None
+                                                    and abs(st.power_limit_w - cp.power_limit_w) < 1.0)))
+            good = good + 1 if ok else 0
+            if cp.as_found or good >= 2 or time.monotonic() - t0 >= timeout_s:
+                break
+            time.sleep(poll_s)
+    except errors.LlmDvfsError as e:
+        return {"settled": None if cp.as_found else False, "detail": f"clock state unreadable: {e}"}
+    out: dict[str, Any] = {
+        "settled": None if cp.as_found else good >= 2, "waited_s": round(time.monotonic() - t0, 4),
+        "observed_sm_mhz": st.sm_mhz, "observed_mem_mhz": st.mem_mhz, "power_limit_w": st.power_limit_w,
+        "reasons": list(st.reasons)}
+    if out["settled"] is False:
+        out["detail"] = (f"requested {cp.label}, observed SM {st.sm_mhz} MHz, memory {st.mem_mhz} MHz, "
+                         f"power limit {st.power_limit_w} W (clock-event reasons: {', '.join(st.reasons) or 'none'})")
+    return out
 
 
 def _run_cell(plan: Plan, rd: RunDir, manifest: dict[str, Any], runner: Any, mon: Any, cell: Cell,
