@@ -294,6 +294,22 @@ def test_planted_correlations():
     assert c["clock_mhz"].eq(1980.0).all()
 
 
+def test_small_samples_get_exact_permutation_p_values():
+    # 4 perfectly rank-ordered pairs: the t approximation says p = 0; the exact two-sided
+    # permutation p is 2/4! (only the identity and the reversed order reach |rho| = 1).
+    df = _feature_table(n=4)
+    df["energy_j"] = -df["feat_driver"] ** 3
+    c = an.feature_correlations(df, targets=("energy_j",)).set_index("feature")
+    r = c.loc["feat_driver"]
+    assert r["spearman_rho"] == pytest.approx(-1.0) and r["p_method"] == "exact permutation"
+    assert r["spearman_p"] == pytest.approx(2 / 24)
+    assert r["pearson_p"] >= 2 / 24 - 1e-12
+    big = an.feature_correlations(_feature_table(n=30)).set_index(["feature", "target"])
+    assert big.loc[("feat_driver", "energy_j"), "p_method"] == "t approximation"
+    # never below 2/n!, even for a perfect correlation
+    assert big.loc[("feat_driver", "latency_s"), "spearman_p"] == pytest.approx(2 / math.factorial(30), rel=1e-9)
+
+
 def test_correlations_need_rows_and_variation():
     df = _feature_table(n=2)
     c = an.feature_correlations(df)
@@ -343,8 +359,10 @@ def test_regression_with_too_few_rows_says_so():
     df = _feature_table(n=3)
     r = an.feature_regression(df)
     assert len(r) == 3
-    assert r["status"].str.startswith("not enough data").all()
+    assert r["status"].str.startswith("not enough data: n=3 rows for p=2 features").all()
     assert r["beta"].isna().all() and (r["n"] == 3).all()
+    # few rows are not reported as collinearity
+    assert set(r["note"]) == {"", "constant"}
     # all targets missing: n = 0, still no exception
     df["energy_j"] = np.nan
     r = an.feature_regression(df)

@@ -47,6 +47,9 @@ PHASES: tuple[str, ...] = ("prefill", "decode")
 
 # Bootstrap matrices larger than this many elements are drawn in chunks (memory, not speed).
 _BOOT_CHUNK_ELEMS = 4_000_000
+# Up to this many pairs, correlation p-values come from the exact permutation distribution
+# (n! orderings; 7! = 5040 is fast): the t approximation is poor there and gives p = 0 at |r| = 1.
+EXACT_P_MAX_N = 7
 
 
 # --------------------------------------------------------------------------------------------
@@ -647,17 +650,20 @@ def feature_correlations(requests: pd.DataFrame, *, features: Sequence[str] | No
     Returns one row per group × feature × target: keys, ``clock_mhz`` (when per clock),
     ``feature``, ``target``, ``n``, ``pearson_r``, ``pearson_p``, ``spearman_rho``,
     ``spearman_p``, ``pearson_q``/``spearman_q`` (Benjamini–Hochberg over the whole table:
-    many tests are run at once), and ``note`` (``constant feature``, ``constant target``,
-    ``n < min_n`` or empty). No features gives an empty table.
+    many tests are run at once), ``p_method`` (``exact permutation`` for n <=
+    :data:`EXACT_P_MAX_N`, else ``t approximation``; p is never below 2/n!, the smallest
+    p-value any test on n pairs can honestly give), and ``note`` (``constant feature``,
+    ``constant target``, ``n < min_n`` or empty). No features gives an empty table.
     """
     features = list(features) if features is not None else feature_columns(requests)
     df, keys = _analysis_groups(requests, group_keys, per_clock)
     cols = keys + (["clock_mhz"] if per_clock else []) + [
         "feature", "target", "n", "pearson_r", "pearson_p", "spearman_rho", "spearman_p",
-        "pearson_q", "spearman_q", "note"]
+        "pearson_q", "spearman_q", "p_method", "note"]
     rows = []
     if not features or df.empty:
         return pd.DataFrame(columns=cols)
+    perm = getattr(stats, "PermutationMethod", None)  # scipy >= 1.11
     for key, g in df.groupby(keys, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
         base = dict(zip(keys, key))
@@ -670,7 +676,8 @@ def feature_correlations(requests: pd.DataFrame, *, features: Sequence[str] | No
                 ok = np.isfinite(x_all) & np.isfinite(y_all)
                 x, y = x_all[ok], y_all[ok]
                 row = dict(base, feature=feat, target=t, n=int(ok.sum()), pearson_r=math.nan,
-                           pearson_p=math.nan, spearman_rho=math.nan, spearman_p=math.nan, note="")
+                           pearson_p=math.nan, spearman_rho=math.nan, spearman_p=math.nan, p_method="",
+                           note="")
                 if x.size < min_n:
                     row["note"] = f"n < {min_n}"
                 elif np.ptp(x) == 0:
@@ -678,10 +685,18 @@ def feature_correlations(requests: pd.DataFrame, *, features: Sequence[str] | No
                 elif np.ptp(y) == 0:
                     row["note"] = "constant target"
                 else:
-                    pr = stats.pearsonr(x, y)
-                    sr = stats.spearmanr(x, y)
-                    row.update(pearson_r=float(pr[0]), pearson_p=float(pr[1]),
-                               spearman_rho=float(sr[0]), spearman_p=float(sr[1]))
+                    if x.size <= EXACT_P_MAX_N and perm is not None:
+                        pm = perm(n_resamples=np.inf)
+                        pr = stats.pearsonr(x, y, method=pm)
+                        sr = stats.pearsonr(stats.rankdata(x), stats.rankdata(y), method=pm)
+                        row["p_method"] = "exact permutation"
+                    else:
+                        pr = stats.pearsonr(x, y)
+                        sr = stats.spearmanr(x, y)
+                        row["p_method"] = "t approximation"
+                    p_floor = 2.0 * math.exp(-math.lgamma(x.size + 1))
+                    row.update(pearson_r=float(pr[0]), pearson_p=max(float(pr[1]), p_floor),
+                               spearman_rho=float(sr[0]), spearman_p=max(float(sr[1]), p_floor))
                 rows.append(row)
     out = pd.DataFrame(rows)
     out["pearson_q"] = bh_qvalues(out["pearson_p"])
@@ -710,12 +725,22 @@ def _regress_one(X: pd.DataFrame, y: np.ndarray, *, missing_frac: float = 0.5
     Xc, yc = Xv[rows_ok][:, cand], y[rows_ok]
     n = int(rows_ok.sum())
     gstat: dict[str, Any] = {"n": n, "p": 0, "r2": math.nan, "adj_r2": math.nan, "status": "ok"}
-    keep: list[int] = []  # positions within cand
+    varying = []
     for pos, j in enumerate(cand):
-        col = Xc[:, pos]
-        if n == 0 or np.ptp(col) == 0:
+        if n == 0 or np.ptp(Xc[:, pos]) == 0:
             feats[X.columns[j]]["note"] = "constant"
-            continue
+        else:
+            varying.append(pos)
+    # With too few rows every extra feature looks "collinear" (rank <= n - 1): say what it is.
+    if varying and n < len(varying) + 2:
+        gstat["p"] = len(varying)
+        gstat["status"] = (f"not enough data: n={n} rows for p={len(varying)} features, "
+                           f"need n >= {len(varying) + 2}")
+        return gstat, feats
+    keep: list[int] = []  # positions within cand
+    for pos in varying:
+        j = cand[pos]
+        col = Xc[:, pos]
         z = (col - col.mean()) / col.std()
         if keep:
             K = np.column_stack([(Xc[:, q] - Xc[:, q].mean()) / Xc[:, q].std() for q in keep])

@@ -487,6 +487,16 @@ def cannot_conclude(run: RunData, summary: pd.DataFrame, optimal: pd.DataFrame, 
     gpus = sorted(str(g) for g in req["gpu_name"].dropna().unique())
     out.append("All results hold for " + (", ".join(gpus) if gpus else "an unnamed GPU") + ", this driver, "
                "these models, dtypes and prompts; other GPUs or software versions can behave differently.")
+    m = run.manifest
+    status = m.get("status")
+    if status not in (None, "complete"):
+        done, total = m.get("cells_done"), m.get("cells_total")
+        cells = f"; {done} of {total} cells done" if done is not None and total is not None else ""
+        out.append(f"The run is not complete (status: {status}{cells}): model × task × clock combinations may "
+                   "be missing, and what is here is not the planned grid.")
+    notes = [str(n) for n in m.get("notes", []) if n] if isinstance(m.get("notes"), list) else []
+    if notes:
+        out.append("Notes recorded by the run: " + " ".join(n if n.endswith(".") else n + "." for n in notes))
     if trace_note:
         out.append(trace_note)
     for n in run.notes:
