@@ -394,9 +394,10 @@ def optimal_clocks(summary: pd.DataFrame, *, latency_limit: float = 0.05, metric
             row[f"{prefix}_label"] = r["clock_label"]
             row[f"{prefix}_clock_mhz"] = r["clock_mhz"]
             row[f"{prefix}_{metric}"] = r[center_column(metric)]
-            row[f"{prefix}_saving_pct"] = -r[f"{metric}_delta_pct"]
-            row[f"{prefix}_saving_pct_ci_low"] = -r[f"{metric}_delta_pct_ci_high"]
-            row[f"{prefix}_saving_pct_ci_high"] = -r[f"{metric}_delta_pct_ci_low"]
+            # 0.0 - x, not -x: the reference's saving is 0.0, not -0.0
+            row[f"{prefix}_saving_pct"] = 0.0 - r[f"{metric}_delta_pct"]
+            row[f"{prefix}_saving_pct_ci_low"] = 0.0 - r[f"{metric}_delta_pct_ci_high"]
+            row[f"{prefix}_saving_pct_ci_high"] = 0.0 - r[f"{metric}_delta_pct_ci_low"]
             row[f"{prefix}_latency_delta_pct"] = r[f"{latency_metric}_delta_pct"]
             lo = row[f"{prefix}_saving_pct_ci_low"]
             row[f"{prefix}_significant"] = bool(np.isfinite(lo) and lo > 0)

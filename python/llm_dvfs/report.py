@@ -173,11 +173,12 @@ def fmt_pct(x: Any, nan: str = "-", plus: bool = True) -> str:
     return f"{float(x):+.1f}" if plus else f"{float(x):.1f}"
 
 
-def fmt_ci(lo: Any, hi: Any, kind: str = "num", nan: str = "") -> str:
+def fmt_ci(lo: Any, hi: Any, kind: str = "num", nan: str = "", plus: bool = True) -> str:
     if _isnan(lo) or _isnan(hi):
         return nan
-    f = fmt_pct if kind == "pct" else fmt_num
-    return f"[{f(lo)}, {f(hi)}]"
+    if kind == "pct":
+        return f"[{fmt_pct(lo, plus=plus)}, {fmt_pct(hi, plus=plus)}]"
+    return f"[{fmt_num(lo)}, {fmt_num(hi)}]"
 
 
 def _group_label(row: pd.Series | dict, keys: Sequence[str]) -> str:
@@ -715,9 +716,10 @@ def _optimal_rows(rep: Report) -> tuple[list[str], list[list[str]]]:
         def s(prefix: str) -> list[str]:
             if f"{prefix}_label" not in o or _isnan(o.get(f"{prefix}_saving_pct")):
                 return ["–", "–", "–"]
-            return [str(o[f"{prefix}_label"]),
-                    f"{fmt_pct(o[f'{prefix}_saving_pct'], plus=False)} "
-                    f"{fmt_ci(o[f'{prefix}_saving_pct_ci_low'], o[f'{prefix}_saving_pct_ci_high'], 'pct')}".strip(),
+            if o[f"{prefix}_label"] == o["ref_label"]:
+                return [str(o[f"{prefix}_label"]), "0 (reference)", "+0.0"]
+            ci = fmt_ci(o[f"{prefix}_saving_pct_ci_low"], o[f"{prefix}_saving_pct_ci_high"], "pct", plus=False)
+            return [str(o[f"{prefix}_label"]), f"{fmt_pct(o[f'{prefix}_saving_pct'], plus=False)} {ci}".strip(),
                     fmt_pct(o[f"{prefix}_latency_delta_pct"])]
         rows.append([("–" if _isnan(o[g]) else str(o[g])) for g in rep.group_keys] +
                     [str(o["n_points"]), str(o["ref_label"])] + s("best") + s("limited") + [str(o["status"])])
