@@ -241,7 +241,7 @@ def build_offline_tokenizer(vocab_size: int, *, use_cache: bool = True):
     cached at :func:`offline_tokenizer_path`; smaller vocabularies are cut from it.
 
     Token counts for English are realistic but not identical to any real model's tokenizer: about
-    1.1–1.2 tokens per word on the synthetic task's text, 1.2–1.8 on other English (real 32k–128k
+    1.2 tokens per word on the synthetic task's text, 1.2–1.8 on other English (real 32k–128k
     vocabularies: about 1.2–1.5), more for rare words, names and non-English text.
 
     Returns:
@@ -419,7 +419,8 @@ def _build_arch(ms: ModelSpec, torch_dtype: str, device: str, seed: int, tokeniz
 
     config = arch_config(ms.target)
     if tokenizer is not None:
-        tok = _load_tokenizer(os.fspath(tokenizer), revision, trust_remote_code)
+        # `revision` belongs to the model's hub id, not to a separately named tokenizer
+        tok = _load_tokenizer(os.fspath(tokenizer), None, trust_remote_code)
         tok_source = os.fspath(tokenizer)
     else:
         tok = build_offline_tokenizer(config.vocab_size)
