@@ -31,7 +31,7 @@ import pandas as pd
 
 from . import analysis as an
 from .errors import ConfigError, DataNotFound, LlmDvfsError
-from .results import REQUEST_COLUMNS, SCHEMAS, feature_columns
+from .results import SCHEMAS, feature_columns
 
 # NVML clock-event (throttle) reason bits that mean the GPU may not have held the clock.
 # (nvml.h: nvmlClocksEventReason*; idle, application-clock and display bits are benign.)
