@@ -25,6 +25,9 @@ different lengths (default ``32:4,128:24,512:160`` = prompt:new tokens, about 50
 
     python bench/attribution_accuracy.py --out DIR [--quick] [--model 1b|small] [--device 0]
 
+``--cpu-dry-run --model small`` exercises the script on CPU against the emulated GPU
+(LLM_DVFS_NVML_LIBRARY, FAKE_NVML_STATE; LLM_DVFS_CUDA_LIBRARY = fake libcuda for event marks).
+
 Prints the tables; with --out also writes summary.json, requests.csv and trace.parquet there.
 Read-only on the GPU: no clock or power-limit change. Without a CUDA GPU it prints a skip line.
 """
@@ -46,6 +49,13 @@ import numpy as np
 
 def log(msg: str) -> None:
     print(msg, flush=True)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
 
 
 def build_model(kind: str, device: str):
@@ -75,6 +85,7 @@ class Requests:
     def __init__(self, model, types: list[tuple[int, int]], device: str, seed: int = 0) -> None:
         import torch
 
+        self.device = device
         self.model = model
         self.types = types
         g = torch.Generator().manual_seed(seed)
@@ -95,7 +106,7 @@ class Requests:
             out = self.model.generate(**self.kwargs(k))
         else:
             out = timer.generate(self.model, **self.kwargs(k))
-        torch.cuda.synchronize()
+        sync(self.device)
         return out
 
 
@@ -118,9 +129,7 @@ def fmt(x: float, spec: str = ".1f") -> str:
 
 
 def measure_truth(mon, reqs: Requests, k: int, reps: int, pad_s: float, idle_w: float) -> dict:
-    import torch
-
-    torch.cuda.synchronize()
+    sync(reqs.device)
     w = mon.begin_window(f"truth{k}")
     time.sleep(pad_s)
     from llm_dvfs.timeline import host_monotonic_ns
@@ -134,17 +143,19 @@ def measure_truth(mon, reqs: Requests, k: int, reps: int, pad_s: float, idle_w: 
     m = w.measurement()
     pad = (t_first - m.t_start_s) + (m.t_end_s - t_last)
     counter = m.energy_j_counter
-    per_req = (counter - idle_w * pad) / reps if counter is not None else float("nan")
     per_req_buf = (m.energy_j - idle_w * pad) / reps
+    # Without an energy counter the buffer integral over the long window is the best reference.
+    per_req = (counter - idle_w * pad) / reps if counter is not None else per_req_buf
     return {"energy_j": per_req, "energy_j_buffer": per_req_buf, "reps": reps,
+            "source": "counter" if counter is not None else m.energy_method,
             "duration_s": (t_last - t_first) / reps, "pad_s": pad}
 
 
 def phase_interleaved(mon, reqs: Requests, per_type: int, gap_ms: float, pad_s: float,
-                      rng: random.Random, device: str):
+                      rng: random.Random, device: str, mode: str):
     from llm_dvfs.timeline import TokenTimer
 
-    timer = TokenTimer(device=device, mode="event")
+    timer = TokenTimer(device=device, mode=mode)
     order = [k for k in range(len(reqs.types)) for _ in range(per_type)]
     rng.shuffle(order)
     recs = []
@@ -219,7 +230,7 @@ def timeline_checks(reqs: Requests, device: str, n_marks: int = 1000) -> dict:
         reqs.model.generate(**reqs.kwargs(k), logits_processor=LogitsProcessorList([Dual()]))
         ev.mark(3)
         cb.mark(3)
-        torch.cuda.synchronize()
+        sync(device)
         me, mc = ev.resolve(), cb.resolve()
         lateness.extend((mc.t_s - me.t_s) * 1e6)
         unc.extend(me.uncertainty_s * 1e6)
@@ -227,7 +238,7 @@ def timeline_checks(reqs: Requests, device: str, n_marks: int = 1000) -> dict:
     for name, tl in (("event", ev), ("callback", cb)):
         tl.clear()
         tl.use_current_stream()
-        torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(n_marks):
             tl.mark(2)
@@ -249,15 +260,17 @@ def timeline_checks(reqs: Requests, device: str, n_marks: int = 1000) -> dict:
     }
 
 
-def overhead(reqs: Requests, device: str, rounds: int, new_tokens: int) -> dict:
+def overhead(reqs: Requests, device: str, rounds: int, new_tokens: int, mode: str = "event") -> dict:
     from llm_dvfs.timeline import TokenTimer
 
     variants = {
         "none": None,
-        "event+logits_processor": TokenTimer(device=device, mode="event", hook="logits_processor"),
-        "event+stopping_criteria": TokenTimer(device=device, mode="event", hook="stopping_criteria"),
-        "callback+logits_processor": TokenTimer(device=device, mode="callback", hook="logits_processor"),
+        f"{mode}+logits_processor": TokenTimer(device=device, mode=mode, hook="logits_processor"),
+        f"{mode}+stopping_criteria": TokenTimer(device=device, mode=mode, hook="stopping_criteria"),
     }
+    if mode == "event":
+        variants["callback+logits_processor"] = TokenTimer(device=device, mode="callback",
+                                                           hook="logits_processor")
     saved = reqs.types[0]
     reqs.types[0] = (saved[0], new_tokens)
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -342,6 +355,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--overhead-tokens", type=int, default=96)
     p.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--cpu-dry-run", action="store_true",
+                   help="exercise the script on CPU against the emulated GPU (LLM_DVFS_NVML_LIBRARY; "
+                        "event/callback marks need LLM_DVFS_CUDA_LIBRARY=fake libcuda): numbers are meaningless")
     args = p.parse_args(argv)
     if args.quick:
         args.truth_s, args.per_type, args.overhead_rounds = 2.0, 4, 3
@@ -351,7 +367,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ImportError:
         log("attribution_accuracy: torch is not installed: skipped")
         return 0
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.cpu_dry_run:
         log("attribution_accuracy: no CUDA GPU: skipped")
         return 0
     import llm_dvfs as ld
@@ -359,18 +375,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not any(d.index == args.device for d in ld.devices()):
         log(f"attribution_accuracy: GPU {args.device} not visible to NVML: skipped")
         return 0
-    device = f"cuda:{args.device}"
-    torch.cuda.set_device(device)
+    if args.cpu_dry_run:
+        device, gpu_name = "cpu", "CPU dry run (emulated GPU)"
+        mode = "event" if os.environ.get("LLM_DVFS_CUDA_LIBRARY") else "host"
+    else:
+        device, mode = f"cuda:{args.device}", "event"
+        torch.cuda.set_device(device)
+        gpu_name = torch.cuda.get_device_name(device)
     types = [tuple(int(x) for x in t.split(":")) for t in args.types.split(",")]
     rng = random.Random(args.seed)
     out_dir = Path(args.out) if args.out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    log(f"== attribution_accuracy on {torch.cuda.get_device_name(device)} ({args.model} model, types {types})")
+    log(f"== attribution_accuracy on {gpu_name} ({args.model} model, types {types}, {mode} marks)")
     model = build_model(args.model, device)
     reqs = Requests(model, types, device, seed=args.seed)
-    summary: dict[str, Any] = {"gpu": torch.cuda.get_device_name(device), "model": args.model,
+    summary: dict[str, Any] = {"gpu": gpu_name, "model": args.model, "mark_mode": mode,
                                "types": types, "args": vars(args)}
 
     with ld.PowerMonitor(devices=[args.device]) as mon:
@@ -389,16 +410,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         log("-- ground truth, pass 1")
         truth1 = [measure_truth(mon, reqs, k, reps[k], args.pad_s, idle_w) for k in range(len(types))]
         log("-- interleaved requests")
-        m_all, recs = phase_interleaved(mon, reqs, args.per_type, args.gap_ms, args.pad_s, rng, device)
+        m_all, recs = phase_interleaved(mon, reqs, args.per_type, args.gap_ms, args.pad_s, rng, device,
+                                         mode)
         log("-- ground truth, pass 2")
         truth2 = [measure_truth(mon, reqs, k, reps[k], args.pad_s, idle_w) for k in range(len(types))]
         truths = [0.5 * (a["energy_j"] + b["energy_j"]) for a, b in zip(truth1, truth2)]
+        log(f"truth source: {sorted({t['source'] for t in truth1 + truth2})}")
         att, rows, trace, att_cpu_s = evaluate(mon, m_all, recs, truths, args.lag_s)
 
         log("-- timeline")
-        tl = timeline_checks(reqs, device)
+        tl = timeline_checks(reqs, device) if mode == "event" else {}
         log("-- overhead")
-        ov = overhead(reqs, device, args.overhead_rounds, args.overhead_tokens)
+        ov = overhead(reqs, device, args.overhead_rounds, args.overhead_tokens, mode)
 
     per_type, lag, att_ratio = print_tables(types, rows, truth1, truth2, truths, reps, att,
                                             att_cpu_s, tl, ov, args.device)
