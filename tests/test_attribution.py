@@ -265,3 +265,8 @@ def test_invalid_timings_are_rejected():
         attribute(tr, Timing([0, 1], [3]), lag_s=0.0)
     with pytest.raises(ValueError, match="request ids"):
         attribute(tr, Timing([0, 1], [1, 1]), lag_s=0.0, request_ids=[["only-one"]])
+    with pytest.raises(ValueError, match="one list of ids per batch"):
+        attribute(tr, [Timing([0, 1], [1]), Timing([1, 2], [1])], lag_s=0.0, request_ids=["a", "b"])
+    # A flat id list is fine for a single batch, given as an object or in a list.
+    a = attribute(tr, [Timing([0, 1], [1, 1])], lag_s=0.0, request_ids=["req-a", "req-b"])
+    assert [r["request_id"] for r in a.requests] == ["req-a", "req-b"]

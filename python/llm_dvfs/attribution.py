@@ -438,6 +438,10 @@ def attribute(
     batches = list(batches)
     if not batches:
         raise ValueError("attribute() needs at least one batch timing")
+    if request_ids is not None and len(request_ids) and isinstance(request_ids[0], str):
+        if len(batches) != 1:
+            raise ValueError("request_ids must be one list of ids per batch")
+        request_ids = [request_ids]
     if request_ids is not None and len(request_ids) != len(batches):
         raise ValueError(f"{len(request_ids)} request id lists for {len(batches)} batches")
     bs = [_as_batch(b, None if request_ids is None else request_ids[k], k) for k, b in enumerate(batches)]
