@@ -124,6 +124,8 @@ def test_sweep_three_clock_points(fake_gpu, tmp_path, capsys):
     assert idle[1200.0] == pytest.approx(model_power_w(300.0, 1200.0), rel=0.03)
     assert (req["energy_method"] == "buffer").all() and (req["energy_j"] > 0).all()
     assert (req["clock_event_reasons"] >= 0).all()
+    # features once per task, from unpadded prompts (the same count as the request's tokens_in)
+    assert (req["feat_tokens"] == req["tokens_in"]).all()
     # the other tables
     assert pd.read_csv(out / "requests.csv")["request_id"].tolist() == req["request_id"].tolist()
     tok = pd.read_parquet(out / "tokens.parquet")

@@ -168,8 +168,15 @@ class _Instrument:
         self._cuda = device.startswith("cuda")
         self.timer = None
         if token_timing:
-            from .timeline import TokenTimer
-            self.timer = TokenTimer(device=device)
+            from . import errors
+            from .timeline import Timeline, TokenTimer
+            try:
+                # built here, not lazily in generate: a missing CUDA driver library must not
+                # fail a cell halfway
+                self.timer = TokenTimer(device=device, timeline=Timeline("auto", device=device))
+            except (errors.LlmDvfsError, OSError) as e:
+                log.warning("token timing unavailable on %s (%s: %s): TTFT, TPOT and per-token "
+                            "energy will be empty", device, type(e).__name__, e)
 
     def _sync(self) -> None:
         if self._cuda:
@@ -316,6 +323,12 @@ class Runner:
                       max_length=self._max_prompt_tokens)
         finally:
             tok.truncation_side = side
+            # a fast tokenizer leaves padding/truncation switched on in its Rust backend; code
+            # that encodes through the backend directly (llm_dvfs.features) would count pads
+            backend = getattr(tok, "backend_tokenizer", None)
+            if backend is not None:
+                backend.no_padding()
+                backend.no_truncation()
         lengths = [int(x) for x in enc["attention_mask"].sum(dim=1).tolist()]
         return {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}, lengths
 

@@ -65,6 +65,9 @@ from .results import SCHEMAS, to_frame
 log = logging.getLogger("llm_dvfs.sweep")
 
 FORMAT_VERSION = 1
+#: tokens.parquet and power.parquet are rewritten at most this often during a run (s); the
+#: requests table after every cell. Every cell's own files are written when it finishes.
+CONSOLIDATE_LARGE_S = 30.0
 ON_BUSY = ("warn", "refuse")
 NER_MODES = ("nltk", "heuristic", "off")
 DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")
@@ -974,6 +977,7 @@ class RunDir:
         self.path = Path(path)
         self.cells_dir = self.path / "cells"
         self._frames: dict[str, dict[str, pd.DataFrame]] = {}  # cell key -> table -> frame
+        self.last_full_consolidation = -math.inf
 
     def create(self) -> None:
         try:
@@ -1025,12 +1029,13 @@ class RunDir:
                                       for t in self.TABLES}
         return self._frames[cell.key]
 
-    def consolidate(self, cells: Sequence[Cell]) -> dict[str, int]:
-        """Rewrite requests.parquet/.csv, tokens.parquet, power.parquet from the finished cells
-        (in plan order), atomically. Returns row counts per table."""
+    def consolidate(self, cells: Sequence[Cell], tables: Sequence[str] = TABLES) -> dict[str, int]:
+        """Rewrite the run tables (requests.parquet and .csv, tokens.parquet, power.parquet;
+        or those named in ``tables``) from the finished cells, in plan order, atomically.
+        Returns row counts per table."""
         done = [c for c in cells if self.is_done(c)]
         counts = {}
-        for t in self.TABLES:
+        for t in tables:
             frames = [self.cell_tables(c)[t] for c in done]
             frames = [f for f in frames if len(f)]
             df = pd.concat(frames, ignore_index=True) if frames else to_frame(t, [])
@@ -1197,14 +1202,15 @@ class _Progress:
         if not quiet:
             from tqdm.auto import tqdm
             self._tqdm = tqdm
+            # disable=None: no bars when stderr is not a terminal (logs get one line per cell)
             self.sweep = tqdm(total=total_requests, desc="sweep", unit="req", position=0,
-                              dynamic_ncols=True, file=sys.stderr)
+                              dynamic_ncols=True, file=sys.stderr, disable=None)
 
     def cell(self, total: int, desc: str) -> Any:
         if self.quiet:
             return None
         return self._tqdm(total=total, desc=desc[:60], unit="req", position=1, leave=False,
-                          dynamic_ncols=True, file=sys.stderr)
+                          dynamic_ncols=True, file=sys.stderr, disable=None)
 
     def advance(self, n: int) -> None:
         if self.sweep is not None:
@@ -1395,6 +1401,7 @@ def _clock_point(plan: Plan, rd: RunDir, manifest: dict[str, Any], runner: Any, 
     # idle baseline at this clock point
     idle_w = math.nan
     if mon is not None and cfg.idle_s > 0:
+        time.sleep(min(0.25, cfg.idle_s / 4))  # the sensor reports ~25 ms late: let the warm-up fade
         idle_w = float(mon.measure_idle(cfg.idle_s))
         log.info("%s: idle baseline %.1f W over %.1f s", cp.label, idle_w, cfg.idle_s)
     info["idle_power_w"] = idle_w
@@ -1482,7 +1489,12 @@ def _run_cell(plan: Plan, rd: RunDir, manifest: dict[str, Any], runner: Any, mon
     rd.write_cell(cell, {"requests": requests, "tokens": tokens, "power": power},
                   {"finished_at": _now_iso(), "wall_s": time.monotonic() - t0, "n_requests": len(requests),
                    "warnings": rows.warnings, "attribution": rows.attribution})
-    rd.consolidate(plan.cells)
+    # requests after every cell; the large tables at most every CONSOLIDATE_LARGE_S (and at the
+    # end): until then they are complete in cells/, which is what a resume reads
+    big = time.monotonic() - rd.last_full_consolidation >= CONSOLIDATE_LARGE_S
+    rd.consolidate(plan.cells, RunDir.TABLES if big else ("requests",))
+    if big:
+        rd.last_full_consolidation = time.monotonic()
     manifest["cells_done"] = manifest.get("cells_done", 0) + 1
     rd.write_manifest(manifest)
     e = requests["energy_j"].median() if len(requests) else math.nan
