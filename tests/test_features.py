@@ -114,6 +114,10 @@ def test_token_features_with_a_transformers_tokenizer(tmp_path_factory, monkeypa
     assert r.feat_token_entropy_bits == pytest.approx(H(counts))
     # the raw `tokenizers` object gives the same numbers
     assert one(text, tokenizer=tok.backend_tokenizer).feat_tokens == len(ids)
+    # a padded batch call leaves padding on in the shared engine; counts must not include it
+    tok(["a", text + " " + text], padding=True)
+    df = compute_features(["a", text], tokenizer=tok, ner=None)
+    assert list(df.feat_tokens) == [1, len(ids)]
     assert compute_features([text], tokenizer=tok, ner=None).attrs["tokenizer"] == tok.name_or_path
 
 

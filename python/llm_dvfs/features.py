@@ -130,6 +130,13 @@ def _token_ids(prompts: Sequence[str], tokenizer: Any) -> list[list[int]]:
     if raw is None and hasattr(tokenizer, "encode_batch") and not hasattr(tokenizer, "batch_decode"):
         raw = tokenizer                                  # a `tokenizers.Tokenizer` itself
     if raw is not None:
+        if raw.padding is not None or raw.truncation is not None:
+            # transformers leaves padding/truncation switched on in the shared engine after a
+            # padded call; counts must be of the prompt alone, so encode with a clean copy
+            from tokenizers import Tokenizer
+            raw = Tokenizer.from_str(raw.to_str())
+            raw.no_padding()
+            raw.no_truncation()
         # straight to the Rust batch encoder (parallel, no per-prompt Python objects)
         return [e.ids for e in raw.encode_batch(list(prompts), add_special_tokens=False)]
     enc = tokenizer(list(prompts), add_special_tokens=False)
