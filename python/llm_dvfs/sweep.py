@@ -858,8 +858,18 @@ def prepare(cfg: SweepConfig, *, resume: Optional[str | os.PathLike[str]] = None
         notes.append(f"no models given: using the embedded default {models[0]} (random weights)")
     for m in models:
         _check_model(m)
-    # 4. clock points (needs the GPU's table) and mode; a resumed run keeps its mode
-    stored_mode = RunDir(out).read_manifest().get("mode") if resume is not None else None
+    # 4. clock points (needs the GPU's table) and mode; a resumed run keeps its mode and device
+    stored = RunDir(out).read_manifest() if resume is not None else {}
+    stored_mode = stored.get("mode")
+    if resume is not None:
+        if stored.get("device") not in (None, device):
+            raise ConfigError(f"the run in {str(out)!r} ran on {stored['device']}, but this resume would run on "
+                              f"{device}: rows of both would be mixed in one table (check --device / "
+                              "CUDA_VISIBLE_DEVICES)")
+        was = stored.get("measured_gpu")
+        was_name = next((g.get("name") for g in stored.get("gpus", []) if g.get("index") == was), None)
+        if was_name and gpu is not None and gpu.name != was_name:
+            notes.append(f"resumed on {gpu.name}; the run started on {was_name}")
     if stored_mode == "observe":
         mode, points = "observe", [ClockPoint()]
     else:
