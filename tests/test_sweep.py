@@ -144,6 +144,25 @@ def test_sweep_three_clock_points(fake_gpu, tmp_path, capsys):
     assert not list(out.glob(".*.tmp")) and not list((out / "cells").glob(".*.tmp"))
 
 
+@pytest.mark.changes_clocks
+def test_memory_clock_and_power_limit_points(fake_gpu, tmp_path, capsys):
+    from conftest import assert_emulated_nvml
+
+    assert_emulated_nvml()
+    fake_gpu.set_power_w(600.0)
+    out = tmp_path / "pl"
+    rc = main([*SMALL, "--samples", "2", "--clocks", "1410", "--mem-clocks", "1593", "--power-limits", "700,250",
+               "--allow-clock-changes", "--out", str(out), "-q"])
+    assert rc == 0, capsys.readouterr().err
+    assert fake_gpu.is_pristine()
+    req, man = _read(out)
+    assert [c["label"] for c in man["config"]["clock_points"]] == ["sm1410-mem1593-pl700W", "sm1410-mem1593-pl250W"]
+    assert (req["mem_mhz_requested"] == 1593.0).all() and (req["mem_mhz_observed"] == 1593.0).all()
+    p = req.groupby("power_limit_w_requested")["avg_power_w"].median()
+    assert p[250.0] == pytest.approx(250.0, rel=0.03)  # the cap holds the power down
+    assert p[700.0] > 300.0
+
+
 def test_observe_mode_without_the_opt_in(fake_gpu, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("LLM_DVFS_ALLOW_CLOCK_CHANGES", raising=False)
     out = tmp_path / "obs"

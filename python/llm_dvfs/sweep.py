@@ -1408,6 +1408,8 @@ def _clock_point(plan: Plan, rd: RunDir, manifest: dict[str, Any], runner: Any, 
             log.warning("%s", msg)
             notes.append(msg)
     info["settle"] = settle
+    # run-level notes too: llm_dvfs.report lists them among its caveats
+    manifest["notes"] = list(dict.fromkeys(list(manifest.get("notes", [])) + notes))
     # idle baseline at this clock point
     idle_w = math.nan
     if mon is not None and cfg.idle_s > 0:
