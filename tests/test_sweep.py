@@ -33,6 +33,15 @@ def _read(run: Path) -> tuple[pd.DataFrame, dict]:
     return pd.read_parquet(run / "requests.parquet"), json.loads((run / "manifest.json").read_text())
 
 
+def _wait_for_cells(run: Path, n: int, proc: subprocess.Popen, timeout_s: float = 240.0) -> None:
+    """Wait until ``n`` cells of the sweep ``proc`` writes into ``run`` are finished."""
+    deadline = time.monotonic() + timeout_s
+    while len(list((run / "cells").glob("*.json"))) < n:
+        assert proc.poll() is None, f"the sweep ended early (exit {proc.returncode})"
+        assert time.monotonic() < deadline, "the sweep made no progress"
+        time.sleep(0.01)
+
+
 # ---------------------------------------------------------------------------------------------
 # config
 # ---------------------------------------------------------------------------------------------
@@ -201,11 +210,7 @@ def test_resume_after_sigkill_gives_the_same_rows(fake_gpu, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "llm_dvfs.run", *args, "--out", str(killed)],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 240
-        while len(list((killed / "cells").glob("*.json"))) < 2:
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()
-            assert time.monotonic() < deadline, "the sweep made no progress"
-            time.sleep(0.01)
+        _wait_for_cells(killed, 2, proc)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(30)
@@ -237,6 +242,33 @@ def test_resume_after_sigkill_gives_the_same_rows(fake_gpu, tmp_path):
     pd.testing.assert_frame_equal(resumed[cols], ref[cols])
     assert pd.read_parquet(killed / "tokens.parquet")["request_id"].nunique() == len(ref)
     assert fake_gpu.is_pristine()
+
+
+@pytest.mark.changes_clocks
+def test_ctrl_c_restores_and_marks_the_run_interrupted(fake_gpu, tmp_path):
+    out = tmp_path / "int"
+    proc = subprocess.Popen([sys.executable, "-m", "llm_dvfs.run", *SMALL, "--samples", "2", "--clocks", "1980,1200",
+                             "--batch-sizes", "1,2", "--idle-s", "0.5", "--allow-clock-changes", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_cells(out, 1, proc)
+    proc.send_signal(signal.SIGINT)
+    printed, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, printed
+    assert f"--resume {out} --allow-clock-changes" in printed
+    _, man = _read(out)
+    assert man["status"] == "interrupted" and 1 <= man["cells_done"] < 4
+    assert fake_gpu.is_pristine()
+    assert len(pd.read_parquet(out / "requests.parquet")) == 2 * man["cells_done"]
+
+
+def test_cells_whose_clock_was_not_held_are_flagged():
+    cp = sweep.ClockPoint(sm_mhz=1200)
+    ok = pd.DataFrame({"sm_mhz_observed": [1200.0, 1215.0], "mem_mhz_observed": [2619.0, 2619.0]})
+    assert sweep._clock_not_held(cp, ok, 30.0) is None
+    bad = pd.DataFrame({"sm_mhz_observed": [1200.0, 1980.0, 1980.0], "mem_mhz_observed": [2619.0] * 3})
+    assert sweep._clock_not_held(cp, bad, 30.0).startswith("2 of 3 requests ran at SM clocks other than the "
+                                                            "requested 1200 MHz (observed 1980 MHz)")
+    assert sweep._clock_not_held(sweep.ClockPoint(), bad, 30.0) is None  # observe mode: nothing requested
 
 
 def test_default_run_on_cpu_without_driver(no_nvml_driver, tmp_path):

@@ -1475,6 +1475,21 @@ def settle_check(nvml_index: int, cp: ClockPoint, tolerance_mhz: float, timeout_
     return out
 
 
+def _clock_not_held(cp: ClockPoint, requests: pd.DataFrame, tolerance_mhz: float) -> Optional[str]:
+    """A message when the clocks observed during a cell's requests differ from the requested
+    ones (throttling, or a lock released by someone else), else None. The rows keep both."""
+    msgs = []
+    for col, want in (("sm_mhz_observed", cp.sm_mhz), ("mem_mhz_observed", cp.mem_mhz)):
+        if want is None or col not in requests or not len(requests):
+            continue
+        obs = pd.to_numeric(requests[col], errors="coerce").dropna()
+        off = obs[(obs - want).abs() > tolerance_mhz]
+        if len(off):
+            msgs.append(f"{len(off)} of {len(obs)} requests ran at {col.split('_')[0].upper()} clocks other than "
+                        f"the requested {want} MHz (observed {', '.join(f'{v:.0f}' for v in sorted(set(off))[:4])} MHz)")
+    return "; ".join(msgs) + "; see clock_event_reasons" if msgs else None
+
+
 def _run_cell(plan: Plan, rd: RunDir, manifest: dict[str, Any], runner: Any, mon: Any, cell: Cell,
               entry: TaskEntry, feats: pd.DataFrame, idle_w: float, progress: _Progress) -> None:
     cfg = plan.config
@@ -1496,6 +1511,10 @@ def _run_cell(plan: Plan, rd: RunDir, manifest: dict[str, Any], runner: Any, mon
                                    for t, d, p, s in tr[["t_s", "device", "power_w", "source"]].itertuples(index=False)])
     else:
         power = to_frame("power", [])
+    held = _clock_not_held(cell.clock, requests, cfg.settle_tolerance_mhz)
+    if held:
+        rows.warnings.append(held)
+        manifest["notes"] = list(dict.fromkeys(list(manifest.get("notes", [])) + [f"{cell.cell_id}: {held}"]))
     for wmsg in rows.warnings:
         log.warning("%s: %s", cell.cell_id, wmsg)
     rd.write_cell(cell, {"requests": requests, "tokens": tokens, "power": power},
