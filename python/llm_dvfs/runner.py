@@ -14,7 +14,10 @@ Per batch of ``batch_size`` requests (prompts padded on the left, ``batch_index`
 3. synchronize again, close the window;
 4. outside the window: decode the outputs and score them with the task's metric.
 
-After the cell's last batch, :func:`llm_dvfs.attribution.attribute` integrates the power trace
+After the cell's last batch the windows are finalised (energy over each window, median observed
+clocks, OR of the clock-event reasons; done once per cell because finalising waits for the
+sampler to deliver samples past a window's end), and
+:func:`llm_dvfs.attribution.attribute` integrates the power trace
 over each step (one sensor-lag estimate for the whole cell) and splits every step's energy over
 the sequences still generating in it: per request ``energy_j``, ``prefill_energy_j``,
 ``decode_energy_j``, ``ttft_s``, ``tpot_s``, ``j_per_token``, and one ``tokens`` row per
@@ -152,6 +155,16 @@ def _window_measurement(w: Any, t0: float, t1: float) -> BatchMeasurement:
         clock_event_reasons=m.clock_event_reasons if m.devices else None, errors=errs)
 
 
+@dataclass
+class _Pending:
+    """A measured batch whose window is closed but not yet finalised."""
+
+    window: Any
+    t_start_s: float
+    t_end_s: float
+    timing: Any = None
+
+
 class _Instrument:
     """Measures ``generate`` calls: a monitor window around each call and token marks inside it
     (:class:`~llm_dvfs.timeline.TokenTimer`); after a cell, :meth:`attribute` turns the power
@@ -188,8 +201,11 @@ class _Instrument:
         from .timeline import host_monotonic_ns
         return host_monotonic_ns() * 1e-9
 
-    def run(self, model: Any, inputs: Mapping[str, Any], kwargs: dict[str, Any]) -> tuple[Any, BatchMeasurement]:
-        """``model.generate(**inputs, **kwargs)`` inside a window; returns (output ids, measurement)."""
+    def run(self, model: Any, inputs: Mapping[str, Any], kwargs: dict[str, Any]) -> tuple[Any, "_Pending"]:
+        """``model.generate(**inputs, **kwargs)`` inside a window; returns (output ids, the
+        pending measurement). :meth:`measure` turns it into a :class:`BatchMeasurement` later:
+        finalising a window waits until the sampler has delivered samples past its end (tens of
+        ms), so the runner does it once per cell instead of once per batch."""
         self._sync()  # earlier queued work must not leak into the window
         w = self.monitor.begin_window("batch") if self.monitor is not None else None
         t0 = self._now_s() if w is None else w.t_start_ns * 1e-9
@@ -201,10 +217,13 @@ class _Instrument:
         if w is not None:
             w.end()
         t1 = self._now_s() if w is None else w.t_end_ns * 1e-9
-        bm = _window_measurement(w, t0, t1)
-        if self.timer is not None:
-            bm.timing = self.timer.timing
-        return out, bm
+        return out, _Pending(w, t0, t1, self.timer.timing if self.timer is not None else None)
+
+    @staticmethod
+    def measure(p: "_Pending") -> BatchMeasurement:
+        bm = _window_measurement(p.window, p.t_start_s, p.t_end_s)
+        bm.timing = p.timing
+        return bm
 
     def attribute(self, batches: Sequence[BatchMeasurement], request_ids: Sequence[Sequence[str]],
                   cell_id: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
@@ -401,8 +420,7 @@ class Runner:
         if warmup:
             self.warmup(prompts, batch_size, warmup)
         kwargs = self.settings.generate_kwargs(lm.tokenizer)
-        batches: list[BatchMeasurement] = []
-        batch_ids: list[list[str]] = []
+        pending: list[tuple[_Pending, list[dict[str, Any]]]] = []
         n_trunc = 0
         for b0 in range(0, len(samples), batch_size):
             batch_no = b0 // batch_size
@@ -412,7 +430,7 @@ class Runner:
             if self.settings.decoding == "sampled":
                 torch.manual_seed(_batch_seed(self.settings.seed, cell_id, batch_no))
             with torch.inference_mode():
-                out, bm = self._instrument.run(lm.model, inputs, kwargs)
+                out, pend = self._instrument.run(lm.model, inputs, kwargs)
             prompt_len = int(inputs["input_ids"].shape[1])
             out_lens = self.out_lengths(out, prompt_len)
             new_ids = out[:, prompt_len:].detach().cpu()
@@ -420,24 +438,53 @@ class Runner:
                      for k in range(len(idx))]
             # outside the window: quality (may run forward passes, e.g. HellaSwag)
             qual = score_batch(task, [samples[i] for i in idx], texts, lm)
-            rows = self._rows(bm, idx, samples, prompts, texts, lengths, out_lens, qual, feat_rows,
+            rows = self._rows(idx, samples, prompts, texts, lengths, out_lens, qual, feat_rows,
                               cell_id, context, metric, repeat, batch_size)
             res.requests.extend(rows)
-            batches.append(bm)
-            batch_ids.append([r["request_id"] for r in rows])
-            if not math.isfinite(res.t_start_s):
-                res.t_start_s = bm.t_start_s
-            res.t_end_s = bm.t_end_s
-            res.warnings.extend(f"batch {batch_no}: {e}" for e in bm.errors)
+            pending.append((pend, rows))
             if progress is not None:
                 progress.update(len(idx))
             if on_batch is not None:
                 on_batch(len(idx))
-        self._attribute(res, batches, batch_ids, cell_id)
+        # finalise the windows (only the last one can still wait for samples), then attribute
+        batches = []
+        for batch_no, (pend, rows) in enumerate(pending):
+            bm = self._instrument.measure(pend)
+            self._fill(rows, bm)
+            batches.append(bm)
+            res.warnings.extend(f"batch {batch_no}: {e}" for e in bm.errors)
+        if batches:
+            res.t_start_s, res.t_end_s = batches[0].t_start_s, batches[-1].t_end_s
+        self._attribute(res, batches, [[r["request_id"] for r in rows] for _, rows in pending], cell_id)
         if n_trunc:
             res.warnings.append(f"{n_trunc} prompt(s) truncated on the left to {self._max_prompt_tokens} "
                                 "tokens to fit the context")
         return res
+
+    @staticmethod
+    def _fill(rows: list[dict[str, Any]], bm: BatchMeasurement) -> None:
+        """The batch window's values into its rows; energies shared evenly (the attribution
+        replaces them per request when it runs)."""
+        share = 1.0 / len(rows)
+
+        def part(v: Optional[float]) -> float:
+            return math.nan if v is None or not math.isfinite(v) else float(v) * share
+
+        energy = part(bm.energy_j)
+        for row in rows:
+            n_out = row["tokens_out"]
+            row.update({
+                "sm_mhz_observed": bm.sm_mhz,
+                "mem_mhz_observed": bm.mem_mhz,
+                "clock_event_reasons": bm.clock_event_reasons,
+                "latency_s": bm.duration_s,
+                "energy_j": energy,
+                "j_per_token": energy / n_out if n_out > 0 and math.isfinite(energy) else math.nan,
+                "avg_power_w": bm.avg_power_w,
+                "active_energy_j": part(bm.active_energy_j),
+                "energy_j_counter": part(bm.energy_j_counter),
+                "energy_method": bm.energy_method,
+            })
 
     def _attribute(self, res: CellRows, batches: list[BatchMeasurement], batch_ids: list[list[str]],
                    cell_id: str) -> None:
@@ -459,23 +506,15 @@ class Runner:
         res.tokens = tokens
         res.attribution = summary
 
-    def _rows(self, bm: BatchMeasurement, idx: list[int], samples: Sequence[Any], prompts: list[str],
-              texts: list[str], lengths: list[int], out_lens: list[int], qual: list[float],
+    def _rows(self, idx: list[int], samples: Sequence[Any], prompts: list[str], texts: list[str],
+              lengths: list[int], out_lens: list[int], qual: list[float],
               feat_rows: list[dict[str, float]], cell_id: str, context: Mapping[str, Any],
               metric: str, repeat: int, batch_size: int) -> list[dict[str, Any]]:
-        """Request rows of one batch; energies are the window's, shared evenly (the attribution
-        replaces them per request when it runs)."""
+        """Request rows of one batch, without the measurement (:meth:`_fill` adds it)."""
         lm = self.loaded
-        share = 1.0 / len(idx)
-
-        def part(v: Optional[float]) -> float:
-            return math.nan if v is None or not math.isfinite(v) else float(v) * share
-
         rows = []
         for k, i in enumerate(idx):
             sid = str(samples[i].sample_id)
-            energy = part(bm.energy_j)
-            n_out = int(out_lens[k])
             row: dict[str, Any] = {
                 "cell_id": cell_id,
                 "request_id": f"{cell_id}|{sid}|{i}",
@@ -488,18 +527,8 @@ class Runner:
                 "batch_index": k,
                 "device": self.device,
                 "gpu_name": self.gpu_name,
-                "sm_mhz_observed": bm.sm_mhz,
-                "mem_mhz_observed": bm.mem_mhz,
-                "clock_event_reasons": bm.clock_event_reasons,
                 "tokens_in": int(lengths[k]),
-                "tokens_out": n_out,
-                "latency_s": bm.duration_s,
-                "energy_j": energy,
-                "j_per_token": energy / n_out if n_out > 0 and math.isfinite(energy) else math.nan,
-                "avg_power_w": bm.avg_power_w,
-                "active_energy_j": part(bm.active_energy_j),
-                "energy_j_counter": part(bm.energy_j_counter),
-                "energy_method": bm.energy_method,
+                "tokens_out": int(out_lens[k]),
                 "quality_metric": metric,
                 "quality": qual[k],
                 "quality_valid": bool(lm.weights == "pretrained" and metric and math.isfinite(qual[k])),

@@ -14,8 +14,9 @@ This module knows the grid and the files; :mod:`llm_dvfs.runner` knows transform
 3. :func:`execute` — runs the plan: each model is loaded once; inside it the clock points; after
    each clock change a warm-up with a settle check of the observed clock, then an idle-power
    baseline; inside those the cells (task × batch size × repeat). Every finished cell is written
-   at once (atomic renames) and the run tables are re-consolidated, so an interrupted sweep loses
-   at most the cell in progress and ``--resume`` continues where it stopped.
+   at once (atomic renames) and the run tables are rebuilt from the finished cells (requests after
+   every cell, tokens and power at least every :data:`CONSOLIDATE_LARGE_S` and at the end), so an
+   interrupted sweep loses at most the cell in progress and ``--resume`` continues where it stopped.
 
 Run directory (see docs/sweep.md)::
 
