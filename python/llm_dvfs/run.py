@@ -23,8 +23,9 @@ examples:
   python -m llm_dvfs.run
       the embedded default: a small arch: model on the synthetic task, ~1 minute
   python -m llm_dvfs.run --models arch:llama-3.2-1b,arch:gpt-neo-2.7b --batch-sizes 1,8 \\
-      --samples 50 --dtype bfloat16 --out runs/observe
-      observe mode: the GPU's clocks as found, nothing changed
+      --samples 50 --dtype bfloat16 --ner heuristic --out runs/observe
+      observe mode: the GPU's clocks as found, nothing changed (--ner heuristic: no nltk data
+      needed; the default --ner nltk says which nltk.download packages it lacks)
   sudo -E python -m llm_dvfs.run --models arch:llama-3.2-1b --clocks 1980,1500,1200 \\
       --allow-clock-changes --out runs/dvfs
       three SM clock points (restored afterwards, also after a crash)
@@ -75,7 +76,7 @@ _VALUE_FLAGS = [
     ("--warmup", "warmup", "N"),
     ("--idle-s", "idle_s", "S"),
     ("--settle-tolerance-mhz", "settle_tolerance_mhz", "MHZ"),
-    ("--ner", "ner", "auto|nltk|fallback|off"),
+    ("--ner", "ner", "nltk|heuristic|off"),
     ("--out", "out", "DIR"),
     ("--device", "device", "DEV"),
     ("--gpu", "gpu", "N|auto|none"),
