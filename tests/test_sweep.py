@@ -349,6 +349,22 @@ def test_bad_input_is_a_clear_error_before_any_work(case, fake_gpu, tmp_path, ca
     assert fake_gpu.is_pristine()
 
 
+def test_hub_model_not_cached_and_missing_nltk_data(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "run"
+    assert main(["--models", "no-such-org/no-such-model", "--gpu", "none", "--ner", "heuristic",
+                 "--out", str(out)]) == 2
+    assert "not available from the Hugging Face hub or its cache" in capsys.readouterr().err
+    from llm_dvfs.features import check_nltk_data
+    try:
+        check_nltk_data()
+    except Exception:  # noqa: BLE001 - the data is missing here: the default --ner nltk must say so
+        assert main(["--models", "arch:tiny", "--gpu", "none", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "nltk.download" in err and "--ner heuristic" in err
+    assert not out.exists()
+
+
 def test_dry_run_validates_and_writes_nothing(fake_gpu, tmp_path, capsys):
     out = tmp_path / "dry"
     assert main([*SMALL, "--clocks", "all", "--batch-sizes", "1,8", "--allow-clock-changes",

@@ -902,7 +902,7 @@ def _require_nltk() -> None:
     try:
         check_nltk_data()
     except DataNotFound as e:
-        raise DataNotFound(f"{e} (or choose the labelled fallback with --ner heuristic, or --ner off)") from None
+        raise DataNotFound(f"{e} (on the command line: --ner heuristic or --ner off)") from None
 
 
 # ============================================================================================
