@@ -349,12 +349,14 @@ def test_bad_input_is_a_clear_error_before_any_work(case, fake_gpu, tmp_path, ca
     assert fake_gpu.is_pristine()
 
 
-def test_hub_model_not_cached_and_missing_nltk_data(monkeypatch, tmp_path, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_hub_model_not_cached_and_missing_nltk_data(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["--models", "no-such-org/no-such-model", "--gpu", "none", "--ner", "heuristic",
-                 "--out", str(out)]) == 2
-    assert "not available from the Hugging Face hub or its cache" in capsys.readouterr().err
+    # a subprocess: huggingface_hub reads HF_HUB_OFFLINE when it is imported
+    p = subprocess.run([sys.executable, "-m", "llm_dvfs.run", "--models", "no-such-org/no-such-model",
+                        "--gpu", "none", "--ner", "heuristic", "--out", str(out)],
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert "not available from the Hugging Face hub or its cache" in p.stderr
     from llm_dvfs.features import check_nltk_data
     try:
         check_nltk_data()
