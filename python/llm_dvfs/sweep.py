@@ -1530,8 +1530,9 @@ def _run_cell(plan: Plan, rd: RunDir, manifest: dict[str, Any], runner: Any, mon
     manifest["cells_done"] = manifest.get("cells_done", 0) + 1
     rd.write_manifest(manifest)
     e = requests["energy_j"].median() if len(requests) else math.nan
-    log.info("cell %d/%d done: %s (%d requests, median energy %s J, %.1f s)", cell.index + 1, len(plan.cells),
-             cell.cell_id, len(requests), "n/a" if not math.isfinite(e) else f"{e:.3g}", time.monotonic() - t0)
+    log.info("cell %d/%d done: %s (%d requests, %s, %.1f s)", cell.index + 1, len(plan.cells), cell.cell_id,
+             len(requests), "no energy" if not math.isfinite(e) else f"median energy {e:.3g} J",
+             time.monotonic() - t0)
 
 
 # ============================================================================================
