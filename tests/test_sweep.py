@@ -307,7 +307,7 @@ def _bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     full.mkdir()
     (full / "something").write_text("x")
     return {
-        "unknown model": (["--models", "arch:nope"], "unknown architecture"),
+        "unknown model": (["--models", "arch:nope"], "unknown architecture 'arch:nope'"),
         "missing model dir": (["--models", "./no/such/model"], "does not exist"),
         "unknown task": (["--tasks", "boolqq"], "unknown task 'boolqq'"),
         "unsupported clock": (["--clocks", "1980,1234", "--allow-clock-changes"],

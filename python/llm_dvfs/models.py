@@ -59,7 +59,7 @@ def list_arch() -> list[str]:
 def _arch_doc(name: str) -> dict:
     known = list_arch()
     if name not in known:
-        raise ConfigError(f"unknown architecture {ARCH_PREFIX}{name!r}; known: "
+        raise ConfigError(f"unknown architecture '{ARCH_PREFIX}{name}'; known: "
                           + ", ".join(ARCH_PREFIX + k for k in known))
     return textgen.load_json("arch", f"{name}.json")
 
