@@ -182,6 +182,10 @@ def test_observe_mode_without_the_opt_in(fake_gpu, tmp_path, capsys, monkeypatch
     req, man = _read(out)
     assert man["mode"] == "observe" and len(man["config"]["clock_points"]) == 1
     assert any("--allow-clock-changes" in n for n in man["notes"])
+    # nothing was requested, so there is nothing to settle to: no settle warning in observe mode
+    assert not any("did not settle" in n for n in man["notes"])
+    assert "did not settle" not in captured.err + captured.out
+    assert [r["settle"]["settled"] for r in man["clock_point_runs"]] == [None]
     assert len(req) == 3 and req["sm_mhz_requested"].isna().all()
     assert (req["sm_mhz_observed"] == 1980.0).all()  # the GPU as found
     for setter in ("nvmlDeviceSetGpuLockedClocks", "nvmlDeviceSetApplicationsClocks",

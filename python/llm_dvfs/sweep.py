@@ -1403,9 +1403,17 @@ def _clock_point(plan: Plan, rd: RunDir, manifest: dict[str, Any], runner: Any, 
         settle["warmup_avg_power_w"] = m.avg_power_w
     if plan.gpu is not None:
         settle.update(settle_check(plan.gpu.nvml_index, cp, cfg.settle_tolerance_mhz))
-        if not settle.get("settled", True):
-            msg = (f"{cp.label}: the GPU did not settle after the warm-up: {settle.get('detail', '')}; "
+        # settled is None in observe mode (nothing requested, so nothing to settle to: a GPU
+        # idling at 345 MHz and boosting under load is normal there); warn only on a real miss,
+        # or when the clock state could not even be read.
+        if settle.get("settled") is False:
+            msg = (f"{cp.label}: the GPU did not settle after the warm-up: {settle.get('detail') or 'no detail'}; "
                    "the rows record the clocks observed during each request")
+        elif settle.get("detail"):
+            msg = f"{cp.label}: after the warm-up: {settle['detail']}"
+        else:
+            msg = ""
+        if msg:
             log.warning("%s", msg)
             notes.append(msg)
     info["settle"] = settle
