@@ -84,6 +84,10 @@ def main() -> int:
         except (OSError, AttributeError):
             fake = None
     rng = random.Random(1234)
+    if not fake:
+        # Warm-up outside any window: CUDA context, cuBLAS handles and the first kernels cost
+        # seconds of host work that would otherwise land in trial 0 only.
+        gpu_load(2.0, random.Random(0))
     print(f"device: {devs[0].name} ({'emulated' if fake else 'real'}), reference: "
           f"{'exact integral' if fake else 'energy counter'}")
     rows = []

@@ -77,8 +77,8 @@ DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp3
 #: fresh machine with nothing downloaded, hence the labelled heuristic entity estimator instead
 #: of nltk's (whose data may be missing); ``models`` is left to the device
 #: (:data:`DEFAULT_GPU_MODEL` / :data:`DEFAULT_CPU_MODEL`). Sized to take about a minute.
-EMBEDDED_DEFAULT_GPU: dict[str, Any] = {"ner": "heuristic", "tasks": ["synthetic"], "samples": 24,
-                                        "batch_sizes": [1, 4], "max_new_tokens": 64}
+EMBEDDED_DEFAULT_GPU: dict[str, Any] = {"ner": "heuristic", "tasks": ["synthetic"], "samples": 16,
+                                        "batch_sizes": [1, 4], "max_new_tokens": 48}
 EMBEDDED_DEFAULT_CPU: dict[str, Any] = {"ner": "heuristic", "tasks": ["synthetic:max_words=256"],
                                         "samples": 12, "batch_sizes": [1, 4], "max_new_tokens": 16}
 
