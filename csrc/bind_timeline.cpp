@@ -55,7 +55,7 @@ void bind_timeline(py::module_& m) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const CudaError& e) {
-      py::object cls = py::module_::import("llm_dvfs.timeline").attr("CudaError");
+      py::object cls = py::module_::import("llm_dvfs.errors").attr("CudaError");
       py::object err = cls(e.code, e.function, e.name, e.what());
       PyErr_SetObject(cls.ptr(), err.ptr());
     } catch (const TimelineTimeout& e) {

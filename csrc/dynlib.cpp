@@ -44,6 +44,17 @@ void* DynLib::symbol(const char* name) const {
   return handle_ ? dlsym(handle_, name) : nullptr;
 }
 
+void* resolve_versioned(const DynLib& lib, const char* primary, const char* fallback,
+                        const char** used) {
+  *used = primary;
+  void* p = lib.symbol(primary);
+  if (!p && fallback) {
+    p = lib.symbol(fallback);
+    if (p) *used = fallback;
+  }
+  return p;
+}
+
 std::string env_or_empty(const char* name) {
   const char* v = std::getenv(name);
   return v ? std::string(v) : std::string();

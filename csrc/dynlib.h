@@ -27,6 +27,11 @@ class DynLib {
   std::string error_;
 };
 
+// Looks up `primary`, else `fallback` (may be nullptr: a versioned symbol's older name).
+// Sets *used to the name that resolved (primary when neither did); returns nullptr if none did.
+void* resolve_versioned(const DynLib& lib, const char* primary, const char* fallback,
+                        const char** used);
+
 // Value of an environment variable, or "" when unset.
 std::string env_or_empty(const char* name);
 

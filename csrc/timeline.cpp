@@ -26,13 +26,8 @@ void resolve_cuda(const DynLib& lib, CudaApi& api) {
   std::string missing;
 #define LLM_DVFS_X(member, required, primary, fallback, ret, params)                         \
   {                                                                                          \
-    const char* used = primary;                                                              \
-    void* p = lib.symbol(primary);                                                           \
-    const char* fb = fallback;                                                               \
-    if (!p && fb) {                                                                          \
-      p = lib.symbol(fb);                                                                    \
-      if (p) used = fb;                                                                      \
-    }                                                                                        \
+    const char* used = nullptr;                                                              \
+    void* p = resolve_versioned(lib, primary, fallback, &used);                              \
     api.member = reinterpret_cast<ret(*) params>(p);                                         \
     api.resolved[static_cast<int>(CudaSym::member)] = used;                                  \
     if (!p && (required)) missing += std::string(missing.empty() ? "" : ", ") + primary;     \

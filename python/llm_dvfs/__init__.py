@@ -25,6 +25,7 @@ _EXPORTS = {
     "TokenTimer": "timeline",
     "LlmDvfsError": "errors",
     "NvmlError": "errors",
+    "CudaError": "errors",
     "NotSupported": "errors",
     "NoPermission": "errors",
     "LibraryNotFound": "errors",

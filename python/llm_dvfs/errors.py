@@ -32,6 +32,25 @@ class SymbolNotFound(LlmDvfsError):
     """The loaded library lacks a symbol llm_dvfs requires (driver too old?)."""
 
 
+class CudaError(LlmDvfsError):
+    """A CUDA driver call failed.
+
+    Attributes:
+        code: the ``CUresult`` value (int).
+        code_name: e.g. ``CUDA_ERROR_INVALID_CONTEXT`` ("" when the driver cannot name it).
+        function: the driver function, e.g. ``cuEventRecord``.
+    """
+
+    def __init__(self, code: int, function: str, code_name: str = "", message: str = "") -> None:
+        self.code = int(code)
+        self.function = function
+        self.code_name = code_name
+        super().__init__(message or f"{function} failed: {code_name or 'CUDA error'} ({code})")
+
+    def __reduce__(self):
+        return (type(self), (self.code, self.function, self.code_name, self.args[0] if self.args else ""))
+
+
 class NvmlError(LlmDvfsError):
     """An NVML call failed.
 
