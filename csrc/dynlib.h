@@ -32,6 +32,17 @@ class DynLib {
 void* resolve_versioned(const DynLib& lib, const char* primary, const char* fallback,
                         const char** used);
 
+// Body of a symbol-table X-macro: resolves one entry of `api` (with enum `SymEnum`) from `lib`
+// and appends a missing required symbol's name to the std::string `missing`.
+#define LLM_DVFS_RESOLVE_ENTRY(SymEnum, member, required, primary, fallback, ret, params) \
+  {                                                                                    \
+    const char* used = nullptr;                                                        \
+    void* p = ::llm_dvfs::resolve_versioned(lib, primary, fallback, &used);            \
+    api.member = reinterpret_cast<ret(*) params>(p);                                   \
+    api.resolved[static_cast<int>(SymEnum::member)] = used;                            \
+    if (!p && (required)) missing += std::string(missing.empty() ? "" : ", ") + primary; \
+  }
+
 // Value of an environment variable, or "" when unset.
 std::string env_or_empty(const char* name);
 

@@ -15,14 +15,7 @@ NvmlApi g_api;
 
 void resolve_all(const DynLib& lib, NvmlApi& api) {
   std::string missing;
-#define LLM_DVFS_X(member, required, primary, fallback, ret, params)                         \
-  {                                                                                          \
-    const char* used = nullptr;                                                              \
-    void* p = resolve_versioned(lib, primary, fallback, &used);                              \
-    api.member = reinterpret_cast<ret(*) params>(p);                                         \
-    api.resolved[static_cast<int>(NvmlSym::member)] = used;                                  \
-    if (!p && (required)) missing += std::string(missing.empty() ? "" : ", ") + primary;     \
-  }
+#define LLM_DVFS_X(...) LLM_DVFS_RESOLVE_ENTRY(NvmlSym, __VA_ARGS__)
   LLM_DVFS_NVML_SYMBOLS(LLM_DVFS_X)
 #undef LLM_DVFS_X
   if (!missing.empty())

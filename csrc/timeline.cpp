@@ -24,14 +24,7 @@ std::atomic<bool> g_cuda_ready{false};
 
 void resolve_cuda(const DynLib& lib, CudaApi& api) {
   std::string missing;
-#define LLM_DVFS_X(member, required, primary, fallback, ret, params)                         \
-  {                                                                                          \
-    const char* used = nullptr;                                                              \
-    void* p = resolve_versioned(lib, primary, fallback, &used);                              \
-    api.member = reinterpret_cast<ret(*) params>(p);                                         \
-    api.resolved[static_cast<int>(CudaSym::member)] = used;                                  \
-    if (!p && (required)) missing += std::string(missing.empty() ? "" : ", ") + primary;     \
-  }
+#define LLM_DVFS_X(...) LLM_DVFS_RESOLVE_ENTRY(CudaSym, __VA_ARGS__)
   LLM_DVFS_CUDA_SYMBOLS(LLM_DVFS_X)
 #undef LLM_DVFS_X
   if (!missing.empty())
