@@ -25,6 +25,13 @@ different lengths (default ``32:4,128:24,512:160`` = prompt:new tokens, about 50
 
     python bench/attribution_accuracy.py --out DIR [--quick] [--model 1b|small] [--device 0]
 
+``--workload matmul`` replaces ``generate`` by GPU-bound requests: each "token" is a chain of
+bf16 matmuls enqueued without a host sync (types ``steps:matmuls_per_step``, default
+``5:6,30:6,200:6``, about 50 ms, 300 ms and 2 s on an H100), marked with the same CUDA-event
+timeline. Their duration does not depend on host scheduling, so the repetition ground truth is
+stable; HF ``generate`` at batch 1 is host-launch-bound and identical requests vary by ±20 % in
+time and energy on a busy VM, which bounds any per-request comparison with a per-type truth.
+
 ``--cpu-dry-run --model small`` exercises the script on CPU against the emulated GPU
 (LLM_DVFS_NVML_LIBRARY, FAKE_NVML_STATE; LLM_DVFS_CUDA_LIBRARY = fake libcuda for event marks).
 
@@ -99,6 +106,11 @@ class Requests:
         return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
                     max_new_tokens=self.types[k][1], do_sample=False)
 
+    def make_timer(self, device: str, mode: str):
+        from llm_dvfs.timeline import TokenTimer
+
+        return TokenTimer(device=device, mode=mode)
+
     def run(self, k: int, timer=None):
         import torch
 
@@ -108,6 +120,63 @@ class Requests:
             out = timer.generate(self.model, **self.kwargs(k))
         sync(self.device)
         return out
+
+
+class _StepTimer:
+    """Marks for :class:`MatmulRequests`: one CUDA event per step on the current stream."""
+
+    def __init__(self, device: str, mode: str) -> None:
+        from llm_dvfs.timeline import Timeline
+
+        self.tl = Timeline(mode=mode, device=device)
+        self.timing = None
+
+
+class MatmulRequests:
+    """GPU-bound requests: ``steps`` "tokens", each ``mm`` bf16 matmuls of n×n, all enqueued
+    before a single synchronisation (no host round trip per step, unlike HF generate)."""
+
+    def __init__(self, types: list[tuple[int, int]], device: str, n: int = 8192, seed: int = 0) -> None:
+        import torch
+
+        self.device, self.types, self.model = device, types, None
+        g = torch.Generator(device=device).manual_seed(seed)
+        self.a = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
+        self.b = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
+        self.c = torch.empty_like(self.a)
+
+    def make_timer(self, device: str, mode: str) -> _StepTimer:
+        return _StepTimer(device, mode)
+
+    def _step(self, mm: int) -> None:
+        import torch
+
+        for _ in range(mm):
+            torch.mm(self.a, self.b, out=self.c)
+
+    def run(self, k: int, timer: Optional[_StepTimer] = None) -> None:
+        steps, mm = self.types[k]
+        if timer is None:
+            for _ in range(steps):
+                self._step(mm)
+            sync(self.device)
+            return
+        from llm_dvfs.timeline import TokenTiming
+
+        tl = timer.tl
+        tl.clear()
+        tl.use_current_stream()
+        tl.mark(0)
+        for _ in range(steps):
+            self._step(mm)
+            tl.mark(1)
+        tl.mark(2)
+        sync(self.device)
+        m = tl.resolve()
+        t = np.asarray(m.t_s, dtype=np.float64)
+        timer.timing = TokenTiming(t_start_s=float(t[0]), step_end_s=t[1:-1], t_end_s=float(t[-1]),
+                                   steps=steps, tokens_per_sequence=np.array([steps]),
+                                   uncertainty_s=float(m.max_uncertainty_s), mode=tl.mode)
 
 
 def pct_err(x: Optional[float], truth: float) -> float:
@@ -153,9 +222,7 @@ def measure_truth(mon, reqs: Requests, k: int, reps: int, pad_s: float, idle_w: 
 
 def phase_interleaved(mon, reqs: Requests, per_type: int, gap_ms: float, pad_s: float,
                       rng: random.Random, device: str, mode: str):
-    from llm_dvfs.timeline import TokenTimer
-
-    timer = TokenTimer(device=device, mode=mode)
+    timer = reqs.make_timer(device, mode)
     order = [k for k in range(len(reqs.types)) for _ in range(per_type)]
     rng.shuffle(order)
     recs = []
@@ -330,7 +397,7 @@ def print_tables(types, rows, truth1, truth2, truths, reps, att, att_cpu_s, tl, 
     for key, v in tl.items():
         print(f"  {key:<36} {v:>10.2f}" if isinstance(v, float) else f"  {key:<36} {v:>10}")
     print()
-    print("Overhead on generate (median latency; ratio to no timer)")
+    print("Overhead on generate (median latency; ratio to no timer)" if ov else "Overhead: n/a for this workload")
     for name, v in ov.items():
         print(f"  {name:<28} {v['median_s'] * 1e3:>9.1f} ms  {v['ratio']:.4f}")
     mean_latency = nanmean([r["latency_s"] for r in rows])
@@ -345,7 +412,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", default=None, help="directory for summary.json, requests.csv, trace.parquet")
     p.add_argument("--device", type=int, default=0, help="CUDA ordinal")
     p.add_argument("--model", choices=("1b", "small"), default="1b")
-    p.add_argument("--types", default="32:4,128:24,512:160", help="prompt:new_tokens,...")
+    p.add_argument("--workload", choices=("generate", "matmul"), default="generate",
+                   help="HF generate (default) or GPU-bound matmul steps (stable ground truth)")
+    p.add_argument("--types", default=None,
+                   help="generate: prompt:new_tokens,... (default 32:4,128:24,512:160); "
+                        "matmul: steps:matmuls_per_step,... (default 5:6,30:6,200:6)")
     p.add_argument("--truth-s", type=float, default=6.0, help="seconds of repetitions per type and pass")
     p.add_argument("--per-type", type=int, default=15, help="interleaved requests per type")
     p.add_argument("--gap-ms", type=float, default=60.0, help="max random idle gap between requests")
@@ -382,16 +453,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         device, mode = f"cuda:{args.device}", "event"
         torch.cuda.set_device(device)
         gpu_name = torch.cuda.get_device_name(device)
+    if args.types is None:
+        args.types = "5:6,30:6,200:6" if args.workload == "matmul" else "32:4,128:24,512:160"
     types = [tuple(int(x) for x in t.split(":")) for t in args.types.split(",")]
     rng = random.Random(args.seed)
     out_dir = Path(args.out) if args.out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    log(f"== attribution_accuracy on {gpu_name} ({args.model} model, types {types}, {mode} marks)")
-    model = build_model(args.model, device)
-    reqs = Requests(model, types, device, seed=args.seed)
-    summary: dict[str, Any] = {"gpu": gpu_name, "model": args.model, "mark_mode": mode,
+    log(f"== attribution_accuracy on {gpu_name} ({args.workload}, {args.model if args.workload == 'generate' else 'bf16 matmul'}, "
+        f"types {types}, {mode} marks)")
+    if args.workload == "matmul":
+        reqs = MatmulRequests(types, device, n=512 if args.cpu_dry_run else 8192, seed=args.seed)
+    else:
+        reqs = Requests(build_model(args.model, device), types, device, seed=args.seed)
+    summary: dict[str, Any] = {"gpu": gpu_name, "model": args.model, "workload": args.workload,
+                               "mark_mode": mode,
                                "types": types, "args": vars(args)}
 
     with ld.PowerMonitor(devices=[args.device]) as mon:
@@ -418,10 +495,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         log(f"truth source: {sorted({t['source'] for t in truth1 + truth2})}")
         att, rows, trace, att_cpu_s = evaluate(mon, m_all, recs, truths, args.lag_s)
 
+        hf = args.workload == "generate"  # the timeline/overhead checks drive HF generate
         log("-- timeline")
-        tl = timeline_checks(reqs, device) if mode == "event" else {}
+        tl = timeline_checks(reqs, device) if mode == "event" and hf else {}
         log("-- overhead")
-        ov = overhead(reqs, device, args.overhead_rounds, args.overhead_tokens, mode)
+        ov = overhead(reqs, device, args.overhead_rounds, args.overhead_tokens, mode) if hf else {}
 
     per_type, lag, att_ratio = print_tables(types, rows, truth1, truth2, truths, reps, att,
                                             att_cpu_s, tl, ov, args.device)
