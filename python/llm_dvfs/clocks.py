@@ -478,6 +478,10 @@ class _Guard:
             return  # signal handlers can only be set from the main thread; the watchdog covers it
         for sig in (signal.SIGINT, signal.SIGTERM):
             prev = signal.getsignal(sig)
+            if prev == signal.SIG_IGN:
+                # The process ignores this signal and keeps running after it: restoring then
+                # would silently unlock a sweep that goes on. Exit hooks and the watchdog remain.
+                continue
             try:
                 signal.signal(sig, functools.partial(self._on_signal, prev=prev))
             except (ValueError, OSError):
@@ -488,8 +492,6 @@ class _Guard:
             self.restore_all(why=f"received {signal.Signals(signum).name}")
         if callable(prev):
             prev(signum, frame)
-            return
-        if prev == signal.SIG_IGN:
             return
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
