@@ -299,7 +299,9 @@ def test_watchdog_is_replaced_if_it_dies_and_restores_on_sigterm(gpu):
 
 
 _OWNER = r"""
-import os, sys, time
+import os, signal, sys, time
+if "ignore-sigint" in sys.argv:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # e.g. a background job of a non-interactive shell
 import llm_dvfs as ld
 from llm_dvfs import clocks
 ctl = ld.ClockController(0, allow_clock_changes=True)
@@ -361,6 +363,24 @@ def test_owner_restores_on_signals_and_exit(gpu, how):
         else:
             assert p.returncode != 0 and f"received {how}: restored GPU" in err
         assert "restored nothing" in err or "watchdog" not in err
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
+def test_ignored_sigint_stays_ignored_and_keeps_the_lock(gpu):
+    p = subprocess.Popen([sys.executable, "-c", _OWNER, "ignore-sigint"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        _readline(p)
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        # still running, still locked: no restore behind the back of a process that goes on
+        assert p.poll() is None
+        assert gpu.locked_clocks() == (1200, 1200)
+        p.terminate()
+        p.wait(timeout=30)
+        assert gpu.is_pristine()
     finally:
         if p.poll() is None:
             p.kill()
