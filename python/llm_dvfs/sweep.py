@@ -1,10 +1,12 @@
 """The sweep: models × clock points × tasks × batch sizes × repeats → one run directory.
 
-This module knows the grid and the files; :mod:`llm_dvfs.runner` knows transformers and
+This module knows the grid and runs it; :mod:`llm_dvfs.sweep_config` reads the settings,
+:mod:`llm_dvfs.rundir` knows the files, :mod:`llm_dvfs.runner` knows transformers and
 :mod:`llm_dvfs.clocks` changes clocks. Three steps:
 
-1. :func:`load_config` / :class:`SweepConfig` — the grid from a TOML/YAML/JSON file and/or
-   flags; unknown keys are rejected with a did-you-mean.
+1. :func:`load_config` / :class:`SweepConfig` (in :mod:`llm_dvfs.sweep_config`, re-exported
+   here) — the grid from a TOML/YAML/JSON file and/or flags; unknown keys are rejected with a
+   did-you-mean.
 2. :func:`prepare` → :class:`Plan` — *every* check that can fail on user input runs here, before
    any GPU work and before anything is written: model specs, tasks and their data (an empty
    dataset is an error), clock points against the GPU's supported table, power limits against
@@ -14,22 +16,14 @@ This module knows the grid and the files; :mod:`llm_dvfs.runner` knows transform
 3. :func:`execute` — runs the plan: each model is loaded once; inside it the clock points; after
    each clock change a warm-up with a settle check of the observed clock, then an idle-power
    baseline; inside those the cells (task × batch size × repeat). Every finished cell is written
-   at once (atomic renames) and the run tables are rebuilt from the finished cells (requests after
-   every cell, tokens and power at least every :data:`CONSOLIDATE_LARGE_S` and at the end), so an
-   interrupted sweep loses at most the cell in progress and ``--resume`` continues where it stopped.
+   at once (atomic renames, :class:`~llm_dvfs.rundir.RunDir`) and the run tables are rebuilt from
+   the finished cells (requests after every cell, tokens and power at least every
+   :data:`CONSOLIDATE_LARGE_S` and at the end), so an interrupted sweep loses at most the cell in
+   progress and ``--resume`` continues where it stopped.
 
-Run directory (see docs/sweep.md)::
-
-    DIR/manifest.json        config, mode, versions, git revision, GPUs, start/end, status,
-                             clock points (idle baseline, settle check), notes
-    DIR/requests.parquet     one row per request × clock point (llm_dvfs.results schema)
-    DIR/requests.csv         the same, as CSV
-    DIR/tokens.parquet       per-token rows (where token attribution ran)
-    DIR/power.parquet        the raw power trace of every cell (cell_id column)
-    DIR/summary.csv          per model × task × batch size × clock point (written at the end)
-    DIR/run.log              the log of every invocation (start and resumes)
-    DIR/cells/<key>.{requests,tokens,power}.parquet, <key>.json   one finished cell each; the
-                             .json marker is written last and is what "finished" means.
+The run directory's layout is described in :mod:`llm_dvfs.rundir` and docs/sweep.md. The public
+names of :mod:`llm_dvfs.sweep_config` and :mod:`llm_dvfs.rundir` are re-exported here, so
+``from llm_dvfs.sweep import SweepConfig, RunDir, ...`` keeps working.
 
 Safety: without ``allow_clock_changes`` the sweep never changes a clock. If clock points are
 requested without it, the run is in *observe mode*: one clock point, the GPU as found, and the
@@ -40,462 +34,43 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import difflib
 import hashlib
 import json
 import logging
 import math
 import os
-import platform
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-import numpy as np
 import pandas as pd
 
 from . import errors
 from .errors import ConfigError, DataNotFound
-from .results import SCHEMAS, to_frame
+from .results import to_frame
+# moved out of this module; re-exported so that ``llm_dvfs.sweep.X`` keeps working
+from .rundir import (FORMAT_VERSION, RunDir, _json_default, _now_iso, _versions,  # noqa: F401
+                     atomic_write_bytes, atomic_write_with, git_revision, write_json)
+from .sweep_config import (DEFAULT_CPU_MODEL, DEFAULT_GPU_MODEL, DTYPES, EMBEDDED_DEFAULT_CPU,  # noqa: F401
+                           EMBEDDED_DEFAULT_GPU, FIELD_HELP, NER_MODES, ON_BUSY, RESUME_OVERRIDABLE,
+                           SweepConfig, _resolve_device, config_from_mapping, did_you_mean,
+                           embedded_default, load_config, load_config_file, parse_clock_spec,
+                           resume_config)
 
 log = logging.getLogger("llm_dvfs.sweep")
 
-FORMAT_VERSION = 1
 #: tokens.parquet and power.parquet are rewritten at most this often during a run (s); the
 #: requests table after every cell. Every cell's own files are written when it finishes.
 CONSOLIDATE_LARGE_S = 30.0
-ON_BUSY = ("warn", "refuse")
-NER_MODES = ("nltk", "heuristic", "off")
-DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")
-
-#: The embedded default run (``python -m llm_dvfs.run`` without grid settings): it must work on a
-#: fresh machine with nothing downloaded, hence the labelled heuristic entity estimator instead
-#: of nltk's (whose data may be missing); ``models`` is left to the device
-#: (:data:`DEFAULT_GPU_MODEL` / :data:`DEFAULT_CPU_MODEL`). Sized to take about a minute.
-EMBEDDED_DEFAULT_GPU: dict[str, Any] = {"ner": "heuristic", "tasks": ["synthetic"], "samples": 16,
-                                        "batch_sizes": [1, 4], "max_new_tokens": 48}
-EMBEDDED_DEFAULT_CPU: dict[str, Any] = {"ner": "heuristic", "tasks": ["synthetic:max_words=256"],
-                                        "samples": 12, "batch_sizes": [1, 4], "max_new_tokens": 16}
-
-
-def embedded_default(device: str = "auto") -> dict[str, Any]:
-    """The embedded default settings for ``device`` (auto: the GPU if torch sees one)."""
-    try:
-        dev = _resolve_device(str(_normalise("device", device, "device")))
-    except ConfigError:
-        dev = "cpu"
-    return dict(EMBEDDED_DEFAULT_GPU if dev.startswith("cuda") else EMBEDDED_DEFAULT_CPU)
-
-
-#: Embedded default models (when ``models`` is not given): a Llama-3.2-1B-shaped model with
-#: random weights on a GPU, the tiny test architecture on the CPU.
-DEFAULT_GPU_MODEL = "arch:llama-3.2-1b"
-DEFAULT_CPU_MODEL = "arch:tiny"
 
 
 class GpuBusy(errors.LlmDvfsError, RuntimeError):
     """Other processes use the GPU (``on_busy_gpu = "refuse"``): their work would be counted
     as this run's energy."""
-
-
-# ============================================================================================
-# configuration
-# ============================================================================================
-@dataclass
-class SweepConfig:
-    """Everything a sweep needs. Field names are the config-file keys (``--flag-names`` are the
-    same with dashes). See :data:`FIELD_HELP` for each field's meaning and example.
-
-    ``None`` for ``models`` means the embedded default (:data:`DEFAULT_GPU_MODEL` on a GPU,
-    :data:`DEFAULT_CPU_MODEL` on the CPU); ``None`` for ``clocks``/``mem_clocks``/
-    ``power_limits`` means "as found" (not changed).
-    """
-
-    models: Optional[list[str]] = None
-    tasks: list[Any] = field(default_factory=lambda: ["synthetic"])
-    clocks: Any = None
-    mem_clocks: Any = None
-    power_limits: Any = None
-    batch_sizes: list[int] = field(default_factory=lambda: [1])
-    repeats: int = 1
-    samples: int = 16
-    max_new_tokens: int = 32
-    fixed_output_length: bool = False
-    dtype: str = "auto"
-    decoding: str = "greedy"
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    warmup: int = 1
-    idle_s: float = 2.0
-    settle_tolerance_mhz: float = 30.0
-    ner: str = "nltk"
-    out: Optional[str] = None
-    device: str = "auto"
-    gpu: Any = "auto"
-    allow_clock_changes: bool = False
-    on_busy_gpu: str = "warn"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-FIELD_HELP: dict[str, str] = {
-    "models": "model specs: hub ids, local directories or arch:NAME (random weights); "
-              "e.g. arch:llama-3.2-1b,arch:gpt-neo-2.7b. Default: arch:llama-3.2-1b on a GPU, "
-              "arch:tiny on the CPU",
-    "tasks": "tasks: synthetic, boolq, hellaswag, truthfulqa, or NAME:file=PATH,field=column,... "
-             "for a local file; e.g. synthetic,boolq:file=dev.jsonl (default synthetic)",
-    "clocks": "SM clock points in MHz: 1980,1500,1200 | all | MIN:MAX (every supported clock "
-              "between) | MIN:MAX:STEP. Needs --allow-clock-changes (else observe mode)",
-    "mem_clocks": "memory clock points in MHz, same syntax as --clocks (e.g. 2619,1593)",
-    "power_limits": "power limits in W, e.g. 700,500 (within the GPU's range)",
-    "batch_sizes": "batch sizes, e.g. 1,8 (prompts padded on the left; default 1)",
-    "repeats": "how often each cell is measured (default 1)",
-    "samples": "sample limit per task (default 16)",
-    "max_new_tokens": "maximum generated tokens per request (default 32)",
-    "fixed_output_length": "generate exactly max_new_tokens tokens (EOS suppressed) for "
-                           "controlled comparisons",
-    "dtype": "model dtype: auto, bfloat16, float16, float32 (default auto: the checkpoint's)",
-    "decoding": "greedy or sampled (default greedy)",
-    "temperature": "sampling temperature (sampled decoding; default 1.0)",
-    "top_p": "nucleus sampling p (sampled decoding; default 1.0)",
-    "seed": "seed of the sample order, arch: weights and sampled decoding (default 0)",
-    "warmup": "unmeasured warm-up batches after each clock change and before each cell "
-              "(default 1)",
-    "idle_s": "seconds of idle-power baseline per clock point (default 2; 0 = none)",
-    "settle_tolerance_mhz": "observed SM clock within this of the request counts as settled "
-                            "(default 30)",
-    "ner": "named-entity density feature: nltk (needs the nltk data; the default), heuristic "
-           "(labelled capitalisation fallback, no data needed) or off",
-    "out": "run directory (default runs/<timestamp>); must not exist or be empty",
-    "device": "where the model runs: auto, cpu, cuda, cuda:N (default auto)",
-    "gpu": "GPU to measure and control (CUDA index), auto (the model's GPU, else GPU 0 if any) "
-           "or none",
-    "allow_clock_changes": "opt in to changing clocks / power limits (restored on exit)",
-    "on_busy_gpu": "when other processes use the GPU: warn or refuse (default warn)",
-}
-
-_FIELDS = [f.name for f in dataclasses.fields(SweepConfig)]
-assert set(_FIELDS) == set(FIELD_HELP), "every config field needs its help text"
-
-
-def did_you_mean(key: str, valid: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest valid name, or ''."""
-    m = difflib.get_close_matches(key.replace("-", "_"), list(valid), n=1, cutoff=0.6)
-    return f" (did you mean {m[0]!r}?)" if m else ""
-
-
-def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a TOML (.toml), YAML (.yaml/.yml) or JSON (.json) config file into a dict.
-
-    A top-level ``[sweep]`` table, if present, is used as the config (so a file may carry other
-    tables for other tools); keys are the :class:`SweepConfig` field names (dashes allowed).
-
-    Raises:
-        ConfigError: missing/unreadable file, syntax error, unknown format, not a mapping.
-    """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    suffix = p.suffix.lower()
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"config file {str(p)!r} cannot be read: {e}") from None
-    try:
-        if suffix == ".toml":
-            import tomllib
-            data = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:
-                raise ConfigError("YAML config files need PyYAML: pip install pyyaml (or use TOML)") from None
-            data = yaml.safe_load(text)
-        elif suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"config file {str(p)!r}: unknown format {suffix!r}; use .toml, .yaml or .json")
-    except ConfigError:
-        raise
-    except Exception as e:  # tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError
-        raise ConfigError(f"config file {str(p)!r} is not valid {suffix[1:].upper()}: {e}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a table of settings, got {type(data).__name__}")
-    if "sweep" in data and isinstance(data["sweep"], dict):
-        data = data["sweep"]
-    return data
-
-
-def config_from_mapping(data: Mapping[str, Any], *, source: str = "config",
-                        base: Optional[SweepConfig] = None) -> SweepConfig:
-    """A :class:`SweepConfig` with the keys of ``data`` set over ``base`` (default: defaults).
-
-    Values are normalised (``"1,8"`` → ``[1, 8]``) and type-checked here; checks that need the
-    model, the data or the GPU happen in :func:`prepare`.
-
-    Raises:
-        ConfigError: an unknown key (with a did-you-mean) or a value of the wrong type/range.
-    """
-    cfg = dataclasses.replace(base) if base is not None else SweepConfig()
-    for raw_key, value in data.items():
-        key = str(raw_key).replace("-", "_")
-        if key not in _FIELDS:
-            raise ConfigError(f"{source}: unknown setting {str(raw_key)!r}{did_you_mean(key, _FIELDS)}; "
-                              f"settings: {', '.join(_FIELDS)}")
-        setattr(cfg, key, _normalise(key, value, source))
-    return cfg
-
-
-def _where(source: str, key: str) -> str:
-    return f"{source}: {key}"
-
-
-def _split(value: Any) -> list[Any]:
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value]
-
-
-def _to_int(v: Any, where: str, lo: Optional[int] = None) -> int:
-    if isinstance(v, bool):
-        raise ConfigError(f"{where}: expected an integer, got {v!r}")
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: expected an integer, got {v!r}") from None
-    if not math.isfinite(f) or f != int(f):
-        raise ConfigError(f"{where}: expected an integer, got {v!r}")
-    i = int(f)
-    if lo is not None and i < lo:
-        raise ConfigError(f"{where}: must be >= {lo}, got {i}")
-    return i
-
-
-def _to_float(v: Any, where: str, lo: Optional[float] = None) -> float:
-    if isinstance(v, bool):
-        raise ConfigError(f"{where}: expected a number, got {v!r}")
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: expected a number, got {v!r}") from None
-    if not math.isfinite(f) or (lo is not None and f < lo):
-        raise ConfigError(f"{where}: expected a number >= {lo}, got {v!r}")
-    return f
-
-
-def _to_bool(v: Any, where: str) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{where}: expected true or false, got {v!r}")
-
-
-def _choice(v: Any, where: str, choices: Sequence[str]) -> str:
-    s = str(v).strip().lower()
-    if s not in choices:
-        raise ConfigError(f"{where}: expected one of {', '.join(choices)}, got {v!r}{did_you_mean(s, choices)}")
-    return s
-
-
-def parse_clock_spec(value: Any, where: str = "clocks") -> Any:
-    """Normalise a clock spec: None (as found), ``"all"``, ``{"min":, "max":, "step":}`` or a
-    list of ints (MHz). Syntax only; :func:`resolve_clocks` checks it against a GPU.
-
-    Accepted: ``1980,1500,1200``; ``[1980, 1500]``; ``1500``; ``all``; ``1200:1980`` (every
-    supported clock in the range); ``1200:1980:60`` (every 60 MHz from 1200 up to 1980).
-    ``none``/``as-found``/empty = None.
-
-    Raises:
-        ConfigError: anything else, naming the accepted forms.
-    """
-    forms = "use e.g. 1980,1500,1200 or all or 1200:1980 or 1200:1980:60"
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        value = f"{value.get('min')}:{value.get('max')}" + (f":{value['step']}" if value.get("step") else "")
-    if isinstance(value, str):
-        s = value.strip().lower()
-        if s in ("", "none", "as-found", "as_found", "current"):
-            return None
-        if s == "all":
-            return "all"
-        if ":" in s:
-            parts = s.split(":")
-            if len(parts) not in (2, 3):
-                raise ConfigError(f"{where}: {value!r} is not MIN:MAX or MIN:MAX:STEP; {forms}")
-            lo, hi = (_to_int(p, f"{where} ({value!r})", 1) for p in parts[:2])
-            step = _to_int(parts[2], f"{where} ({value!r}) step", 1) if len(parts) == 3 else None
-            if lo > hi:
-                raise ConfigError(f"{where}: range {value!r} has MIN > MAX")
-            return {"min": lo, "max": hi, "step": step}
-    items = _split(value)
-    if not items:
-        return None
-    out = []
-    for it in items:
-        try:
-            out.append(_to_int(it, where, 1))
-        except ConfigError:
-            raise ConfigError(f"{where}: {it!r} is not a clock in MHz; {forms}") from None
-    return list(dict.fromkeys(out))  # keep order, drop duplicates
-
-
-def _normalise(key: str, value: Any, source: str) -> Any:
-    where = _where(source, key)
-    if key == "models":
-        if value is None:
-            return None
-        items = [str(v).strip() for v in _split(value)]
-        if not items or any(not v for v in items):
-            raise ConfigError(f"{where}: give at least one model spec (hub id, directory or arch:NAME)")
-        return list(dict.fromkeys(items))
-    if key == "tasks":
-        items = []
-        if isinstance(value, str):
-            # commas separate tasks, but also a task's options: NAME:k=v,k=v. A piece with '='
-            # and no ':' continues the previous task's option list.
-            for piece in [p.strip() for p in value.split(",") if p.strip()]:
-                if items and "=" in piece and ":" not in piece.split("=", 1)[0] and isinstance(items[-1], str) \
-                        and ":" in items[-1]:
-                    items[-1] += "," + piece
-                else:
-                    items.append(piece)
-        else:
-            items = _split(value)
-        if not items:
-            raise ConfigError(f"{where}: give at least one task")
-        for it in items:
-            if not isinstance(it, (str, dict)):
-                raise ConfigError(f"{where}: a task is a name/spec string or a table, got {it!r}")
-        return items
-    if key in ("clocks", "mem_clocks"):
-        return parse_clock_spec(value, where)
-    if key == "power_limits":
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "as-found")):
-            return None
-        out = [_to_float(v, where, 1.0) for v in _split(value)]
-        return list(dict.fromkeys(out)) or None
-    if key == "batch_sizes":
-        out = [_to_int(v, where, 1) for v in _split(value)]
-        if not out:
-            raise ConfigError(f"{where}: give at least one batch size")
-        return list(dict.fromkeys(out))
-    if key in ("repeats", "samples", "max_new_tokens"):
-        return _to_int(value, where, 1)
-    if key in ("warmup", "seed"):
-        return _to_int(value, where, 0)
-    if key in ("temperature",):
-        v = _to_float(value, where, 0.0)
-        if v <= 0:
-            raise ConfigError(f"{where}: must be > 0")
-        return v
-    if key == "top_p":
-        v = _to_float(value, where, 0.0)
-        if not 0 < v <= 1:
-            raise ConfigError(f"{where}: must be in (0, 1]")
-        return v
-    if key in ("idle_s", "settle_tolerance_mhz"):
-        return _to_float(value, where, 0.0)
-    if key in ("fixed_output_length", "allow_clock_changes"):
-        return _to_bool(value, where)
-    if key == "dtype":
-        return _choice(value, where, DTYPES)
-    if key == "decoding":
-        return _choice(value, where, ("greedy", "sampled"))
-    if key == "ner":
-        return _choice(value, where, NER_MODES)
-    if key == "on_busy_gpu":
-        return _choice(value, where, ON_BUSY)
-    if key == "out":
-        if value is None:
-            return None
-        s = str(value).strip()
-        if not s:
-            raise ConfigError(f"{where}: empty path")
-        return s
-    if key == "device":
-        s = str(value).strip().lower()
-        if s in ("auto", "cpu", "cuda") or s.startswith("cuda:") or s.isdigit():
-            return f"cuda:{s}" if s.isdigit() else s
-        raise ConfigError(f"{where}: expected auto, cpu, cuda or cuda:N, got {value!r}")
-    if key == "gpu":
-        if value is None:
-            return "none"
-        s = str(value).strip().lower()
-        if s in ("auto", "none"):
-            return s
-        return _to_int(value, where, 0)
-    raise AssertionError(key)  # pragma: no cover - _FIELDS and _normalise must agree
-
-
-def load_config(path: Optional[str | os.PathLike[str]] = None, overrides: Optional[Mapping[str, Any]] = None
-                ) -> SweepConfig:
-    """Defaults, then the file at ``path`` (if any), then ``overrides`` (e.g. CLI flags)."""
-    cfg = SweepConfig()
-    if path is not None:
-        cfg = config_from_mapping(load_config_file(path), source=str(path), base=cfg)
-    if overrides:
-        cfg = config_from_mapping(overrides, source="command line", base=cfg)
-    return cfg
-
-
-#: Settings that may be given again when resuming (they do not change the grid).
-RESUME_OVERRIDABLE = ("allow_clock_changes", "on_busy_gpu")
-
-
-def resume_config(run_dir: str | os.PathLike[str], overrides: Optional[Mapping[str, Any]] = None) -> SweepConfig:
-    """The config of the run in ``run_dir`` (from its manifest), for ``--resume``.
-
-    Only :data:`RESUME_OVERRIDABLE` settings may be passed in ``overrides``; a run that changed
-    clocks needs ``allow_clock_changes`` again (the opt-in is never stored).
-
-    Raises:
-        ConfigError: not a run directory, an override that would change the grid, or a missing
-            opt-in.
-    """
-    rd = RunDir(Path(run_dir).expanduser())
-    if not rd.manifest_path.is_file():
-        raise ConfigError(f"--resume {str(run_dir)!r}: no manifest.json there; not a run directory")
-    manifest = rd.read_manifest()
-    if manifest.get("tool") != "llm_dvfs.run" or "config" not in manifest:
-        raise ConfigError(f"--resume {str(run_dir)!r}: manifest.json is not from llm_dvfs.run")
-    stored = {k: v for k, v in manifest["config"].items() if k in _FIELDS}
-    if manifest["config"].get("resolved_models"):
-        stored["models"] = manifest["config"]["resolved_models"]
-    stored["allow_clock_changes"] = False
-    stored["out"] = str(rd.path)
-    cfg = config_from_mapping(stored, source=f"{rd.manifest_path}")
-    extra = {k: v for k, v in (overrides or {}).items() if k.replace("-", "_") not in RESUME_OVERRIDABLE}
-    if extra:
-        raise ConfigError(f"--resume takes the grid from {rd.manifest_path}; these settings cannot be changed "
-                          f"when resuming: {', '.join(sorted(extra))} (only {', '.join(RESUME_OVERRIDABLE)} "
-                          "and --quiet/--verbose may be given)")
-    cfg = config_from_mapping(dict(overrides or {}), source="command line", base=cfg)
-    if manifest.get("mode") == "observe" and cfg.allow_clock_changes:
-        # the cells were planned without clock changes; changing them now would change the grid
-        log.warning("the run in %s is in observe mode; --allow-clock-changes is ignored when resuming it", run_dir)
-        cfg.allow_clock_changes = False
-    if manifest.get("mode") == "sweep" and not cfg.allow_clock_changes:
-        from .clocks import clock_changes_allowed
-        if not clock_changes_allowed(False):
-            raise ConfigError(f"the run in {str(run_dir)!r} changes clocks ({len(manifest['config'].get('clock_points', []))} "
-                              "clock points); pass --allow-clock-changes again to resume it")
-    return cfg
 
 
 # ============================================================================================
@@ -605,22 +180,6 @@ class Plan:
             if t.name == name:
                 return t
         raise KeyError(name)
-
-
-def _resolve_device(value: str) -> str:
-    import torch
-
-    if value == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if value == "cpu":
-        return "cpu"
-    idx = 0 if value == "cuda" else _to_int(value.split(":", 1)[1], "device", 0)
-    if not torch.cuda.is_available():
-        raise ConfigError(f"device {value!r}: CUDA is not available to torch (CPU-only torch build "
-                          "or no GPU visible); use --device cpu")
-    if idx >= torch.cuda.device_count():
-        raise ConfigError(f"device {value!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    return f"cuda:{idx}"
 
 
 def _gpus() -> tuple[list[Any], Optional[str]]:
@@ -906,226 +465,8 @@ def _require_nltk() -> None:
 
 
 # ============================================================================================
-# files
-# ============================================================================================
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's files are 0600
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (readers see the old
-    file or the new one, never a part)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_with(path: Path, writer: Callable[[str], None]) -> None:
-    """Call ``writer(tmp_path)`` then ``os.replace(tmp_path, path)``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.chmod(tmp, _FILE_MODE)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    return str(o)
-
-
-def _finite(obj: Any) -> Any:
-    """``obj`` with NaN/inf floats as None (strict JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as strict JSON (NaN → null), atomically."""
-    text = json.dumps(_finite(json.loads(json.dumps(obj, default=_json_default))), indent=2, allow_nan=False)
-    atomic_write_bytes(path, (text + "\n").encode())
-
-
-class RunDir:
-    """The files of one run directory (layout in the module docstring)."""
-
-    TABLES = ("requests", "tokens", "power")
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.cells_dir = self.path / "cells"
-        self._frames: dict[str, dict[str, pd.DataFrame]] = {}  # cell key -> table -> frame
-        self.last_full_consolidation = -math.inf
-
-    def create(self) -> None:
-        try:
-            self.cells_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"cannot create the run directory {str(self.path)!r}: {e}") from None
-
-    # -- manifest --
-    @property
-    def manifest_path(self) -> Path:
-        return self.path / "manifest.json"
-
-    def read_manifest(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{self.manifest_path}: cannot be read ({e})") from None
-
-    def write_manifest(self, manifest: Mapping[str, Any]) -> None:
-        write_json(self.manifest_path, manifest)
-
-    # -- cells --
-    def marker(self, cell: Cell) -> Path:
-        return self.cells_dir / f"{cell.key}.json"
-
-    def is_done(self, cell: Cell) -> bool:
-        p = self.marker(cell)
-        if not p.is_file():
-            return False
-        try:
-            info = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        return info.get("cell_id") == cell.cell_id and all(
-            (self.cells_dir / f"{cell.key}.{t}.parquet").is_file() for t in self.TABLES)
-
-    def write_cell(self, cell: Cell, tables: Mapping[str, pd.DataFrame], info: Mapping[str, Any]) -> None:
-        """Write a finished cell: its tables first, the marker last (each atomically)."""
-        for t in self.TABLES:
-            df = tables[t]
-            atomic_write_with(self.cells_dir / f"{cell.key}.{t}.parquet",
-                              lambda tmp, df=df: df.to_parquet(tmp, index=False))
-        write_json(self.marker(cell), dict(info, cell_id=cell.cell_id, key=cell.key, index=cell.index))
-        self._frames[cell.key] = dict(tables)
-
-    def cell_tables(self, cell: Cell) -> dict[str, pd.DataFrame]:
-        if cell.key not in self._frames:
-            self._frames[cell.key] = {t: pd.read_parquet(self.cells_dir / f"{cell.key}.{t}.parquet")
-                                      for t in self.TABLES}
-        return self._frames[cell.key]
-
-    def consolidate(self, cells: Sequence[Cell], tables: Sequence[str] = TABLES) -> dict[str, int]:
-        """Rewrite the run tables (requests.parquet and .csv, tokens.parquet, power.parquet;
-        or those named in ``tables``) from the finished cells, in plan order, atomically.
-        Returns row counts per table."""
-        done = [c for c in cells if self.is_done(c)]
-        counts = {}
-        for t in tables:
-            frames = [self.cell_tables(c)[t] for c in done]
-            frames = [f for f in frames if len(f)]
-            df = pd.concat(frames, ignore_index=True) if frames else to_frame(t, [])
-            if t == "requests" and frames:
-                df = _retype_requests(df)
-            atomic_write_with(self.path / f"{t}.parquet", lambda tmp, df=df: df.to_parquet(tmp, index=False))
-            if t == "requests":
-                atomic_write_with(self.path / "requests.csv", lambda tmp, df=df: df.to_csv(tmp, index=False))
-            counts[t] = len(df)
-        return counts
-
-    def remove_partial(self, cells: Sequence[Cell]) -> int:
-        """Delete the part files of unfinished cells and stray temporaries (left by a kill).
-        Returns how many files were removed."""
-        done = {c.key for c in cells if self.is_done(c)}
-        n = 0
-        for p in list(self.cells_dir.iterdir()) + list(self.path.glob(".*.tmp")):
-            stray_tmp = p.name.startswith(".") and p.name.endswith(".tmp")
-            unfinished = p.is_file() and p.name.split(".")[0] not in done
-            if stray_tmp or unfinished:
-                try:
-                    p.unlink()
-                    n += 1
-                except OSError:
-                    pass
-        return n
-
-
-def _retype_requests(df: pd.DataFrame) -> pd.DataFrame:
-    """Concatenation can widen dtypes (e.g. all-NA columns); bring the schema columns back."""
-    schema = SCHEMAS["requests"]
-    for col, dtype in schema.items():
-        if col in df.columns and str(df[col].dtype) != dtype:
-            try:
-                df[col] = df[col].astype(dtype) if dtype != "bool" else df[col].fillna(False).astype(bool)
-            except (TypeError, ValueError):
-                pass
-    return df
-
-
-# ============================================================================================
 # manifest
 # ============================================================================================
-def _now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def git_revision() -> Optional[str]:
-    """The git commit of the llm_dvfs source tree (``+dirty`` when modified), or None."""
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        if rev.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."],
-                               capture_output=True, text=True, timeout=5)
-        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _versions() -> dict[str, Optional[str]]:
-    from . import __version__
-
-    out: dict[str, Optional[str]] = {"llm_dvfs": __version__, "python": platform.python_version()}
-    for mod in ("torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "pyarrow", "nltk"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing optional package is just absent
-            out[mod] = None
-    try:
-        import torch
-        out["cuda"] = torch.version.cuda
-    except Exception:  # noqa: BLE001
-        pass
-    return out
-
-
 def _serialisable_config(cfg: SweepConfig) -> dict[str, Any]:
     return json.loads(json.dumps(cfg.to_dict(), default=_json_default))
 

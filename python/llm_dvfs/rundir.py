@@ -1,0 +1,268 @@
+"""The files of a run directory: atomic writes, strict JSON, :class:`RunDir`, manifest facts.
+
+One concern: what lies on disk and how it is written, so that a kill at any moment leaves either
+the old file or the new one (temporary file + ``os.replace``), never a part. It knows nothing of
+the grid; the sweep (:mod:`llm_dvfs.sweep`) decides what is written when. Layout (docs/sweep.md)::
+
+    DIR/manifest.json        config, mode, versions, git revision, GPUs, start/end, status,
+                             clock points (idle baseline, settle check), notes
+    DIR/requests.parquet     one row per request × clock point (llm_dvfs.results schema)
+    DIR/requests.csv         the same, as CSV
+    DIR/tokens.parquet       per-token rows (where token attribution ran)
+    DIR/power.parquet        the raw power trace of every cell (cell_id column)
+    DIR/summary.csv          per model × task × batch size × clock point (written at the end)
+    DIR/run.log              the log of every invocation (start and resumes)
+    DIR/cells/<key>.{requests,tokens,power}.parquet, <key>.json   one finished cell each; the
+                             .json marker is written last and is what "finished" means.
+
+Failure modes: :meth:`RunDir.create` and :meth:`RunDir.read_manifest` raise
+:class:`~llm_dvfs.errors.ConfigError`; the writers re-raise the ``OSError`` after removing their
+temporary file.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .errors import ConfigError
+from .results import SCHEMAS, to_frame
+
+if TYPE_CHECKING:  # annotations only: the sweep imports this module
+    from .sweep import Cell
+
+#: Version of the run-directory format (``format_version`` in manifest.json).
+FORMAT_VERSION = 1
+
+
+# ============================================================================================
+# files
+# ============================================================================================
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's files are 0600
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (readers see the old
+    file or the new one, never a part)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, _FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_with(path: Path, writer: Callable[[str], None]) -> None:
+    """Call ``writer(tmp_path)`` then ``os.replace(tmp_path, path)``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.chmod(tmp, _FILE_MODE)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats as None (strict JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as strict JSON (NaN → null), atomically."""
+    text = json.dumps(_finite(json.loads(json.dumps(obj, default=_json_default))), indent=2, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
+
+
+class RunDir:
+    """The files of one run directory (layout in the module docstring)."""
+
+    TABLES = ("requests", "tokens", "power")
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.cells_dir = self.path / "cells"
+        self._frames: dict[str, dict[str, pd.DataFrame]] = {}  # cell key -> table -> frame
+        self.last_full_consolidation = -math.inf
+
+    def create(self) -> None:
+        try:
+            self.cells_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the run directory {str(self.path)!r}: {e}") from None
+
+    # -- manifest --
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    def read_manifest(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{self.manifest_path}: cannot be read ({e})") from None
+
+    def write_manifest(self, manifest: Mapping[str, Any]) -> None:
+        write_json(self.manifest_path, manifest)
+
+    # -- cells --
+    def marker(self, cell: Cell) -> Path:
+        return self.cells_dir / f"{cell.key}.json"
+
+    def is_done(self, cell: Cell) -> bool:
+        p = self.marker(cell)
+        if not p.is_file():
+            return False
+        try:
+            info = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return info.get("cell_id") == cell.cell_id and all(
+            (self.cells_dir / f"{cell.key}.{t}.parquet").is_file() for t in self.TABLES)
+
+    def write_cell(self, cell: Cell, tables: Mapping[str, pd.DataFrame], info: Mapping[str, Any]) -> None:
+        """Write a finished cell: its tables first, the marker last (each atomically)."""
+        for t in self.TABLES:
+            df = tables[t]
+            atomic_write_with(self.cells_dir / f"{cell.key}.{t}.parquet",
+                              lambda tmp, df=df: df.to_parquet(tmp, index=False))
+        write_json(self.marker(cell), dict(info, cell_id=cell.cell_id, key=cell.key, index=cell.index))
+        self._frames[cell.key] = dict(tables)
+
+    def cell_tables(self, cell: Cell) -> dict[str, pd.DataFrame]:
+        if cell.key not in self._frames:
+            self._frames[cell.key] = {t: pd.read_parquet(self.cells_dir / f"{cell.key}.{t}.parquet")
+                                      for t in self.TABLES}
+        return self._frames[cell.key]
+
+    def consolidate(self, cells: Sequence[Cell], tables: Sequence[str] = TABLES) -> dict[str, int]:
+        """Rewrite the run tables (requests.parquet and .csv, tokens.parquet, power.parquet;
+        or those named in ``tables``) from the finished cells, in plan order, atomically.
+        Returns row counts per table."""
+        done = [c for c in cells if self.is_done(c)]
+        counts = {}
+        for t in tables:
+            frames = [self.cell_tables(c)[t] for c in done]
+            frames = [f for f in frames if len(f)]
+            df = pd.concat(frames, ignore_index=True) if frames else to_frame(t, [])
+            if t == "requests" and frames:
+                df = _retype_requests(df)
+            atomic_write_with(self.path / f"{t}.parquet", lambda tmp, df=df: df.to_parquet(tmp, index=False))
+            if t == "requests":
+                atomic_write_with(self.path / "requests.csv", lambda tmp, df=df: df.to_csv(tmp, index=False))
+            counts[t] = len(df)
+        return counts
+
+    def remove_partial(self, cells: Sequence[Cell]) -> int:
+        """Delete the part files of unfinished cells and stray temporaries (left by a kill).
+        Returns how many files were removed."""
+        done = {c.key for c in cells if self.is_done(c)}
+        n = 0
+        for p in list(self.cells_dir.iterdir()) + list(self.path.glob(".*.tmp")):
+            stray_tmp = p.name.startswith(".") and p.name.endswith(".tmp")
+            unfinished = p.is_file() and p.name.split(".")[0] not in done
+            if stray_tmp or unfinished:
+                try:
+                    p.unlink()
+                    n += 1
+                except OSError:
+                    pass
+        return n
+
+
+def _retype_requests(df: pd.DataFrame) -> pd.DataFrame:
+    """Concatenation can widen dtypes (e.g. all-NA columns); bring the schema columns back."""
+    schema = SCHEMAS["requests"]
+    for col, dtype in schema.items():
+        if col in df.columns and str(df[col].dtype) != dtype:
+            try:
+                df[col] = df[col].astype(dtype) if dtype != "bool" else df[col].fillna(False).astype(bool)
+            except (TypeError, ValueError):
+                pass
+    return df
+
+
+# ============================================================================================
+# manifest
+# ============================================================================================
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_revision() -> Optional[str]:
+    """The git commit of the llm_dvfs source tree (``+dirty`` when modified), or None."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               capture_output=True, text=True, timeout=5)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, Optional[str]]:
+    from . import __version__
+
+    out: dict[str, Optional[str]] = {"llm_dvfs": __version__, "python": platform.python_version()}
+    for mod in ("torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "pyarrow", "nltk"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a missing optional package is just absent
+            out[mod] = None
+    try:
+        import torch
+        out["cuda"] = torch.version.cuda
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
+__all__ = ["FORMAT_VERSION", "RunDir", "atomic_write_bytes", "atomic_write_with", "write_json", "git_revision"]
