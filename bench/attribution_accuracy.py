@@ -107,7 +107,7 @@ class Requests:
                     max_new_tokens=self.types[k][1], do_sample=False)
 
     def make_timer(self, device: str, mode: str):
-        from llm_dvfs.timeline import TokenTimer
+        from llm_dvfs.meter.timeline import TokenTimer
 
         return TokenTimer(device=device, mode=mode)
 
@@ -126,7 +126,7 @@ class _StepTimer:
     """Marks for :class:`MatmulRequests`: one CUDA event per step on the current stream."""
 
     def __init__(self, device: str, mode: str) -> None:
-        from llm_dvfs.timeline import Timeline
+        from llm_dvfs.meter.timeline import Timeline
 
         self.tl = Timeline(mode=mode, device=device)
         self.timing = None
@@ -161,7 +161,7 @@ class MatmulRequests:
                 self._step(mm)
             sync(self.device)
             return
-        from llm_dvfs.timeline import TokenTiming
+        from llm_dvfs.meter.timeline import TokenTiming
 
         tl = timer.tl
         tl.clear()
@@ -201,7 +201,7 @@ def measure_truth(mon, reqs: Requests, k: int, reps: int, pad_s: float, idle_w: 
     sync(reqs.device)
     w = mon.begin_window(f"truth{k}")
     time.sleep(pad_s)
-    from llm_dvfs.timeline import host_monotonic_ns
+    from llm_dvfs.meter.timeline import host_monotonic_ns
 
     t_first = host_monotonic_ns() * 1e-9
     for _ in range(reps):
@@ -240,7 +240,7 @@ def phase_interleaved(mon, reqs: Requests, per_type: int, gap_ms: float, pad_s: 
 
 
 def evaluate(mon, m_all, recs, truths, lag_s: Optional[float]):
-    from llm_dvfs.attribution import PowerTrace, attribute
+    from llm_dvfs.meter.attribution import PowerTrace, attribute
 
     trace = mon.trace(m_all.t_start_s - 1.0, m_all.t_end_s + 1.0)
     timings = [r["timing"] for r in recs]
@@ -274,7 +274,7 @@ def timeline_checks(reqs: Requests, device: str, n_marks: int = 1000) -> dict:
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    from llm_dvfs.timeline import Timeline
+    from llm_dvfs.meter.timeline import Timeline
 
     ev = Timeline("event", device=device)
     cb = Timeline("callback", device=device)
@@ -328,7 +328,7 @@ def timeline_checks(reqs: Requests, device: str, n_marks: int = 1000) -> dict:
 
 
 def overhead(reqs: Requests, device: str, rounds: int, new_tokens: int, mode: str = "event") -> dict:
-    from llm_dvfs.timeline import TokenTimer
+    from llm_dvfs.meter.timeline import TokenTimer
 
     variants = {
         "none": None,

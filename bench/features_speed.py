@@ -20,9 +20,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from llm_dvfs.errors import DataNotFound
-    from llm_dvfs.features import check_nltk_data, compute_features
-    from llm_dvfs.models import build_offline_tokenizer
-    from llm_dvfs.tasks import get_task
+    from llm_dvfs.workload.features import check_nltk_data, compute_features
+    from llm_dvfs.workload.models import build_offline_tokenizer
+    from llm_dvfs.workload.tasks import get_task
 
     t0 = time.perf_counter()
     prompts = [s.prompt for s in get_task("synthetic").samples(limit=args.n, seed=args.seed)]

@@ -72,10 +72,10 @@ def main(argv=None) -> int:
     elif gpus:
         gpu = gpus[0]
 
-    from llm_dvfs.models import load_model
-    from llm_dvfs.monitor import PowerMonitor
-    from llm_dvfs.runner import GenerationSettings, Runner, bare_generate
-    from llm_dvfs.tasks import get_task
+    from llm_dvfs.workload.models import load_model
+    from llm_dvfs.meter.monitor import PowerMonitor
+    from llm_dvfs.workload.runner import GenerationSettings, Runner, bare_generate
+    from llm_dvfs.workload.tasks import get_task
 
     model = a.model or ("arch:tiny" if device == "cpu" else "arch:llama-3.2-1b")
     dtype = a.dtype or ("float32" if device == "cpu" else "bfloat16")

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from llm_dvfs.results import to_frame
+from llm_dvfs.schema import to_frame
 
 F_MAX_MHZ = 1980.0
 DEFAULT_CLOCKS_MHZ = (600.0, 900.0, 1200.0, 1500.0, 1800.0, 1980.0)
@@ -86,7 +86,7 @@ def make_requests(*, models: Sequence[str] = ("toy/llama-tiny",), tasks: Sequenc
                   batch_sizes: Sequence[int] = (1,), tokens_out: int = 32, weights: str = "pretrained",
                   energy_method: str = "buffer", noise: float = 0.02, observe_mhz: float = 1755.0,
                   throttle_at_max: bool = True, seed: int = 0) -> SyntheticRun:
-    """A ``requests`` table (schema of llm_dvfs.results) from the planted physics.
+    """A ``requests`` table (schema of llm_dvfs.schema) from the planted physics.
 
     ``clocks_mhz=None`` makes an observe-mode run: one clock point with NaN requested clocks
     and observed clocks scattered around ``observe_mhz``. ``energy_method="none"`` leaves every

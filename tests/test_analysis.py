@@ -1,4 +1,4 @@
-"""Statistics of llm_dvfs.analysis on synthetic tables with known answers."""
+"""Statistics of llm_dvfs.analysis (summary, stats, dvfs_fit, feature_stats) on synthetic tables with known answers."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llm_dvfs import analysis as an
-from llm_dvfs.results import to_frame
+from llm_dvfs.analysis.dvfs_fit import fit_power_model, fit_time_model, phase_scaling
+from llm_dvfs.analysis.feature_stats import feature_correlations, feature_regression
+from llm_dvfs.analysis.stats import bh_qvalues, bootstrap_medians, median_ci
+from llm_dvfs.analysis.summary import default_group_keys, optimal_clocks, pareto_frontier, summarize
+from llm_dvfs.schema import to_frame
 
 from report_fixtures import DECODE, PREFILL, make_requests
 
@@ -17,18 +20,18 @@ from report_fixtures import DECODE, PREFILL, make_requests
 # bootstrap
 # --------------------------------------------------------------------------------------------
 def test_median_ci_degenerate_inputs():
-    assert an.median_ci([4.0] * 7) == (4.0, 4.0, 4.0)
-    med, lo, hi = an.median_ci([2.5])
+    assert median_ci([4.0] * 7) == (4.0, 4.0, 4.0)
+    med, lo, hi = median_ci([2.5])
     assert med == 2.5 and math.isnan(lo) and math.isnan(hi)
-    assert all(math.isnan(x) for x in an.median_ci([]))
-    assert an.median_ci([1.0, np.nan, 3.0, 2.0])[0] == 2.0  # NaNs ignored
+    assert all(math.isnan(x) for x in median_ci([]))
+    assert median_ci([1.0, np.nan, 3.0, 2.0])[0] == 2.0  # NaNs ignored
 
 
 def test_median_ci_width_matches_asymptotic_theory():
     # For a normal sample the median's standard error is sqrt(pi/2)*sigma/sqrt(n).
     rng = np.random.default_rng(1)
     x = rng.normal(100.0, 10.0, size=400)
-    med, lo, hi = an.median_ci(x, n_boot=4000, seed=3)
+    med, lo, hi = median_ci(x, n_boot=4000, seed=3)
     expected_half = 1.96 * math.sqrt(math.pi / 2) * 10.0 / math.sqrt(400)
     assert lo < med < hi
     assert (hi - lo) / 2 == pytest.approx(expected_half, rel=0.3)
@@ -37,24 +40,24 @@ def test_median_ci_width_matches_asymptotic_theory():
 
 def test_bootstrap_is_vectorised_over_chunks_and_seeded():
     v = np.arange(5000, dtype=float)
-    a = an.bootstrap_medians(v, 1000, np.random.default_rng(7))  # > one chunk of 4e6 elements
-    b = an.bootstrap_medians(v, 1000, np.random.default_rng(7))
+    a = bootstrap_medians(v, 1000, np.random.default_rng(7))  # > one chunk of 4e6 elements
+    b = bootstrap_medians(v, 1000, np.random.default_rng(7))
     assert a.shape == (1000,) and np.array_equal(a, b)
     assert 2300 < a.mean() < 2700
-    m = an.bootstrap_medians(np.array([0.0, 1.0]), 2000, np.random.default_rng(0), stat="mean")
+    m = bootstrap_medians(np.array([0.0, 1.0]), 2000, np.random.default_rng(0), stat="mean")
     assert set(np.unique(m)) <= {0.0, 0.5, 1.0}
 
 
 def test_summarize_is_deterministic_per_seed():
     df = make_requests(n_samples=8, tasks=("qa",)).requests
-    a = an.summarize(df, n_boot=300, seed=5)
-    b = an.summarize(df, n_boot=300, seed=5)
-    c = an.summarize(df, n_boot=300, seed=6)
+    a = summarize(df, n_boot=300, seed=5)
+    b = summarize(df, n_boot=300, seed=5)
+    c = summarize(df, n_boot=300, seed=6)
     pd.testing.assert_frame_equal(a, b)
     assert np.array_equal(a["energy_j_median"], c["energy_j_median"])
     assert not np.array_equal(a["energy_j_ci_low"], c["energy_j_ci_low"])
     # shuffling the rows changes nothing: one random stream per group × clock point × metric
-    d = an.summarize(df.sample(frac=1.0, random_state=0), n_boot=300, seed=5)
+    d = summarize(df.sample(frac=1.0, random_state=0), n_boot=300, seed=5)
     pd.testing.assert_frame_equal(a, d)
 
 
@@ -68,7 +71,7 @@ def sweep():
 
 @pytest.fixture(scope="module")
 def sweep_summary(sweep):
-    return an.summarize(sweep.requests, n_boot=500)
+    return summarize(sweep.requests, n_boot=500)
 
 
 def test_summary_medians_and_deltas_match_direct_computation(sweep, sweep_summary):
@@ -97,7 +100,7 @@ def test_summary_medians_and_deltas_match_direct_computation(sweep, sweep_summar
 
 def test_planted_energy_optimum_is_found(sweep, sweep_summary):
     assert sweep.planted_optimum_mhz == 1200.0
-    opt = an.optimal_clocks(sweep_summary, latency_limit=0.05)
+    opt = optimal_clocks(sweep_summary, latency_limit=0.05)
     assert len(opt) == 2 and (opt["status"] == "ok").all()
     exp = sweep.expected_energy_j
     expected_saving = (1 - exp[1200.0] / exp[1980.0]) * 100  # ~27 %
@@ -116,12 +119,12 @@ def test_optimum_under_latency_limit(sweep, sweep_summary):
     for limit in (0.10, 0.30, 0.60):
         allowed = [f for f in exp_l if exp_l[f] <= exp_l[1980.0] * (1 + limit)]
         expected = min(allowed, key=exp_e.get)
-        opt = an.optimal_clocks(sweep_summary, latency_limit=limit)
+        opt = optimal_clocks(sweep_summary, latency_limit=limit)
         assert set(opt["limited_clock_mhz"]) == {expected}, limit
         assert (opt["limited_latency_delta_pct"] <= limit * 100).all()
     assert expected == 1200.0  # at +60 % the global optimum is allowed
     with pytest.raises(ValueError):
-        an.optimal_clocks(sweep_summary, latency_limit=-0.1)
+        optimal_clocks(sweep_summary, latency_limit=-0.1)
 
 
 def test_pareto_frontier_of_planted_sweep(sweep_summary):
@@ -139,22 +142,22 @@ def test_pareto_frontier_hand_table():
     })
     # (1,10) front; (2,5) front; (2,6) dominated by (2,5); (3,5) dominated by (2,5);
     # (1.5,10) dominated by (1,10); NaN never; other group alone -> front
-    assert an.pareto_frontier(s).tolist() == [True, True, False, False, False, False, True]
+    assert pareto_frontier(s).tolist() == [True, True, False, False, False, False, True]
 
 
 def test_observe_mode_is_one_clock_point_at_the_observed_clock():
     run = make_requests(clocks_mhz=None, n_samples=9, observe_mhz=1755.0, seed=4)
     df = run.requests
-    s = an.summarize(df, n_boot=200)
+    s = summarize(df, n_boot=200)
     assert len(s) == 2 and s["observe"].all() and s["is_reference"].all()
     for _, r in s.iterrows():
         obs = df[df["task"] == r["task"]]["sm_mhz_observed"]
         assert r["clock_mhz"] == pytest.approx(obs.median())
         assert r["clock_label"].startswith("as found (~")
         assert r["energy_j_delta_pct"] == 0.0
-    opt = an.optimal_clocks(s)
+    opt = optimal_clocks(s)
     assert (opt["status"] == "one clock point").all()
-    fits = an.phase_scaling(df)
+    fits = phase_scaling(df)
     assert (fits["n_points"] == 1).all()
     assert fits["status"].str.contains("not enough data").all()
     assert fits["f_opt_fit_mhz"].isna().all()
@@ -162,39 +165,39 @@ def test_observe_mode_is_one_clock_point_at_the_observed_clock():
 
 def test_quality_is_a_mean_and_only_counts_valid_rows():
     run = make_requests(n_samples=10, tasks=("qa",), clocks_mhz=(1000.0, 1980.0))
-    s = an.summarize(run.requests, n_boot=200)
+    s = summarize(run.requests, n_boot=200)
     direct = run.requests.groupby("sm_mhz_requested")["quality"].mean()
     assert "quality_mean" in s.columns and "quality_median" not in s.columns
     for _, r in s.iterrows():
         assert r["quality_mean"] == pytest.approx(direct[r["sm_mhz_requested"]])
-    rnd = an.summarize(make_requests(n_samples=10, tasks=("qa",), weights="random").requests, n_boot=200)
+    rnd = summarize(make_requests(n_samples=10, tasks=("qa",), weights="random").requests, n_boot=200)
     assert rnd["quality_mean"].isna().all() and (rnd["quality_n"] == 0).all()
 
 
 def test_no_energy_gives_nan_not_errors():
     run = make_requests(n_samples=5, energy_method="none", clocks_mhz=(900.0, 1980.0))
-    s = an.summarize(run.requests, n_boot=100)
+    s = summarize(run.requests, n_boot=100)
     assert s["energy_j_median"].isna().all() and s["latency_s_median"].notna().all()
     assert s["latency_s_delta_pct"].notna().all()
-    opt = an.optimal_clocks(s)
+    opt = optimal_clocks(s)
     assert (opt["status"] == "no energy_j data").all()
-    fits = an.phase_scaling(run.requests)
+    fits = phase_scaling(run.requests)
     assert fits["power_c_w"].isna().all() and fits["time_a_s"].isna().all()  # 2 clocks: no fits either
 
 
 def test_empty_table():
-    s = an.summarize(to_frame("requests", []))
+    s = summarize(to_frame("requests", []))
     assert s.empty and "energy_j_median" in s.columns
-    assert an.optimal_clocks(s).empty
+    assert optimal_clocks(s).empty
 
 
 def test_optional_group_keys_split_weights():
     a = make_requests(n_samples=4, tasks=("qa",), clocks_mhz=(1980.0,)).requests
     b = make_requests(n_samples=4, tasks=("qa",), clocks_mhz=(1980.0,), weights="random").requests
     both = pd.concat([a, b], ignore_index=True)
-    assert an.default_group_keys(a) == ["model", "task", "batch_size"]
-    assert an.default_group_keys(both) == ["model", "weights", "task", "batch_size"]
-    assert len(an.summarize(both, n_boot=50)) == 2
+    assert default_group_keys(a) == ["model", "task", "batch_size"]
+    assert default_group_keys(both) == ["model", "weights", "task", "batch_size"]
+    assert len(summarize(both, n_boot=50)) == 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,7 +207,7 @@ F = np.array([345.0, 600.0, 900.0, 1200.0, 1410.0, 1600.0, 1800.0, 1980.0])
 
 
 def test_time_fit_recovers_exact_parameters():
-    res = an.fit_time_model(F, 0.0031 + 17.5 / F)
+    res = fit_time_model(F, 0.0031 + 17.5 / F)
     assert res["status"] == "ok" and res["n"] == 8
     assert res["a"] == pytest.approx(0.0031, rel=1e-8)
     assert res["b"] == pytest.approx(17.5, rel=1e-8)
@@ -215,7 +218,7 @@ def test_time_fit_recovers_exact_parameters():
                                            (60.0, 640.0, 2.2)])
 def test_power_fit_recovers_exact_parameters(c, d_scaled, k):
     d = d_scaled / 1980.0 ** k
-    res = an.fit_power_model(F, c + d * F ** k)
+    res = fit_power_model(F, c + d * F ** k)
     assert res["status"] == "ok"
     assert res["c"] == pytest.approx(c, rel=1e-5)
     assert res["d"] == pytest.approx(d, rel=1e-4)
@@ -225,18 +228,18 @@ def test_power_fit_recovers_exact_parameters(c, d_scaled, k):
 
 
 def test_fits_need_enough_distinct_clocks():
-    t = an.fit_time_model([1000.0, 1000.0, 2000.0], [1.0, 1.1, 0.6])
+    t = fit_time_model([1000.0, 1000.0, 2000.0], [1.0, 1.1, 0.6])
     assert t["status"].startswith("not enough data") and math.isnan(t["a"])
-    p = an.fit_power_model([1000.0, 1500.0, 2000.0], [100.0, 200.0, 300.0])
+    p = fit_power_model([1000.0, 1500.0, 2000.0], [100.0, 200.0, 300.0])
     assert p["status"].startswith("not enough data") and math.isnan(p["k"])
     # NaN and non-positive clocks are dropped, not fitted
-    t = an.fit_time_model([np.nan, 0.0, 500.0, 1000.0, 2000.0], [9.0, 9.0, 1 + 1000 / 500, 2.0, 1.5])
+    t = fit_time_model([np.nan, 0.0, 500.0, 1000.0, 2000.0], [9.0, 9.0, 1 + 1000 / 500, 2.0, 1.5])
     assert t["n"] == 3 and t["a"] == pytest.approx(1.0) and t["b"] == pytest.approx(1000.0)
 
 
 def test_phase_scaling_recovers_planted_laws():
     run = make_requests(noise=0.0, n_samples=6, tasks=("qa",))
-    fits = an.phase_scaling(run.requests).set_index("phase")
+    fits = phase_scaling(run.requests).set_index("phase")
     assert (fits["status"] == "ok").all() and (fits["n_points"] == 6).all()
     dec, pre = fits.loc["decode"], fits.loc["prefill"]
     assert dec["time_a_s"] == pytest.approx(DECODE.a, rel=1e-6)
@@ -278,7 +281,7 @@ def _feature_table(n: int = 60, seed: int = 0) -> pd.DataFrame:
 
 
 def test_planted_correlations():
-    c = an.feature_correlations(_feature_table()).set_index(["feature", "target"])
+    c = feature_correlations(_feature_table()).set_index(["feature", "target"])
     drv = c.loc[("feat_driver", "energy_j")]
     assert drv["n"] == 60 and drv["pearson_r"] > 0.98 and drv["pearson_p"] < 1e-30
     assert drv["spearman_rho"] > 0.97 and drv["spearman_q"] < 1e-20
@@ -299,12 +302,12 @@ def test_small_samples_get_exact_permutation_p_values():
     # permutation p is 2/4! (only the identity and the reversed order reach |rho| = 1).
     df = _feature_table(n=4)
     df["energy_j"] = -df["feat_driver"] ** 3
-    c = an.feature_correlations(df, targets=("energy_j",)).set_index("feature")
+    c = feature_correlations(df, targets=("energy_j",)).set_index("feature")
     r = c.loc["feat_driver"]
     assert r["spearman_rho"] == pytest.approx(-1.0) and r["p_method"] == "exact permutation"
     assert r["spearman_p"] == pytest.approx(2 / 24)
     assert r["pearson_p"] >= 2 / 24 - 1e-12
-    big = an.feature_correlations(_feature_table(n=30)).set_index(["feature", "target"])
+    big = feature_correlations(_feature_table(n=30)).set_index(["feature", "target"])
     assert big.loc[("feat_driver", "energy_j"), "p_method"] == "t approximation"
     # never below 2/n!, even for a perfect correlation
     assert big.loc[("feat_driver", "latency_s"), "spearman_p"] == pytest.approx(2 / math.factorial(30), rel=1e-9)
@@ -312,17 +315,17 @@ def test_small_samples_get_exact_permutation_p_values():
 
 def test_correlations_need_rows_and_variation():
     df = _feature_table(n=2)
-    c = an.feature_correlations(df)
+    c = feature_correlations(df)
     assert (c["note"] == "n < 3").all() and c["pearson_r"].isna().all()
     df = _feature_table(n=10)
     df["energy_j"] = 1.0
-    c = an.feature_correlations(df, targets=("energy_j",))
+    c = feature_correlations(df, targets=("energy_j",))
     assert set(c["note"]) == {"constant target", "constant feature"}
-    assert an.feature_correlations(df.drop(columns=["feat_driver", "feat_noise", "feat_constant"])).empty
+    assert feature_correlations(df.drop(columns=["feat_driver", "feat_noise", "feat_constant"])).empty
 
 
 def test_bh_qvalues_known_answer():
-    q = an.bh_qvalues([0.01, 0.04, 0.03, 0.2, np.nan])
+    q = bh_qvalues([0.01, 0.04, 0.03, 0.2, np.nan])
     np.testing.assert_allclose(q[:4], [0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.2])
     assert math.isnan(q[4])
 
@@ -337,7 +340,7 @@ def test_regression_recovers_standardised_coefficients_and_drops_bad_features():
                        "sm_mhz_observed": 1400.0, "energy_j": y, "feat_x1": x1, "feat_x2": x2, "feat_x3": x3,
                        "feat_const": 7.0, "feat_x1_twice": 2 * x1 + 1})
     feats = ["feat_x1", "feat_x2", "feat_x3", "feat_const", "feat_x1_twice"]
-    r = an.feature_regression(df, features=feats).set_index("feature")
+    r = feature_regression(df, features=feats).set_index("feature")
     assert (r["status"] == "ok").all() and (r["n"] == n).all() and (r["p"] == 3).all()
     assert r.loc["feat_x1", "r2"] == pytest.approx(1.0, abs=1e-12)
     sy = y.std()
@@ -350,14 +353,14 @@ def test_regression_recovers_standardised_coefficients_and_drops_bad_features():
     assert r.loc["feat_x1_twice", "note"] == "collinear with feat_x1"
     # with noise: the real effects are significant, the null one is not
     df["energy_j"] = y + rng.normal(0, 1.0, n)
-    r = an.feature_regression(df, features=feats).set_index("feature")
+    r = feature_regression(df, features=feats).set_index("feature")
     assert r.loc["feat_x1", "p_value"] < 1e-10 and r.loc["feat_x3", "p_value"] > 0.01
     assert 0.8 < r.loc["feat_x1", "r2"] < 1.0 and r.loc["feat_x1", "adj_r2"] < r.loc["feat_x1", "r2"]
 
 
 def test_regression_with_too_few_rows_says_so():
     df = _feature_table(n=3)
-    r = an.feature_regression(df)
+    r = feature_regression(df)
     assert len(r) == 3
     assert r["status"].str.startswith("not enough data: n=3 rows for p=2 features").all()
     assert r["beta"].isna().all() and (r["n"] == 3).all()
@@ -365,7 +368,7 @@ def test_regression_with_too_few_rows_says_so():
     assert set(r["note"]) == {"", "constant"}
     # all targets missing: n = 0, still no exception
     df["energy_j"] = np.nan
-    r = an.feature_regression(df)
+    r = feature_regression(df)
     assert (r["n"] == 0).all() and r["beta"].isna().all()
 
 
@@ -374,7 +377,7 @@ def test_regression_drops_nan_rows_and_mostly_missing_features():
     df.loc[:4, "feat_noise"] = np.nan
     df["feat_sparse"] = np.nan
     df.loc[:5, "feat_sparse"] = 1.0 + np.arange(6)
-    r = an.feature_regression(df).set_index("feature")
+    r = feature_regression(df).set_index("feature")
     assert r.loc["feat_driver", "n"] == 25
     assert r.loc["feat_sparse", "note"].startswith("mostly missing")
     assert r.loc["feat_driver", "beta"] > 0.95

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llm_dvfs import results
-from llm_dvfs.attribution import (
+from llm_dvfs import schema as results
+from llm_dvfs.meter.attribution import (
     DEFAULT_LAG_S,
     PowerTrace,
     attribute,

@@ -18,7 +18,7 @@ import time
 import pytest
 
 import llm_dvfs as ld
-from llm_dvfs import clocks, errors
+from llm_dvfs.control import clocks, guard
 from fakes.fake_gpu import NVML_ERROR_NOT_SUPPORTED, assert_emulated_nvml
 
 pytestmark = pytest.mark.native
@@ -30,7 +30,7 @@ def gpu(fake_gpu, monkeypatch):
     assert_emulated_nvml()
     monkeypatch.delenv(clocks.ALLOW_ENV, raising=False)
     yield fake_gpu
-    clocks._shutdown()  # while LLM_DVFS_NVML_LIBRARY still names the emulator
+    guard._shutdown()  # while LLM_DVFS_NVML_LIBRARY still names the emulator
     fake_gpu.set_permission(True)
     fake_gpu.clear_failures()
 
@@ -127,7 +127,7 @@ def test_setters_refuse_without_opt_in_and_reading_works(gpu):
         assert "allow_clock_changes=True" in msg and "--allow-clock-changes" in msg
         assert "LLM_DVFS_ALLOW_CLOCK_CHANGES=1" in msg
     assert gpu.is_pristine()
-    assert clocks._guard().watchdog_pid() is None  # nothing was even prepared
+    assert guard._guard().watchdog_pid() is None  # nothing was even prepared
 
 
 def test_env_var_opts_in(gpu, monkeypatch):
@@ -148,7 +148,7 @@ def test_env_var_opts_in(gpu, monkeypatch):
 
 def test_cli_flag_and_env_opt_in(gpu):
     probe = [sys.executable, "-c",
-             "from llm_dvfs.clocks import read_state; print('SM', read_state(0).sm_mhz)"]
+             "from llm_dvfs.control.clocks import read_state; print('SM', read_state(0).sm_mhz)"]
     r = _cli("lock", "--device", "0", "--sm-mhz", "1200", "--", *probe)
     assert r.returncode == 2
     assert "--allow-clock-changes" in r.stderr and "refusing to lock clocks" in r.stderr
@@ -177,7 +177,7 @@ def test_no_permission_names_the_privilege_and_leaves_nothing_marked(gpu):
     with pytest.raises(ld.NoPermission, match="power limit to 300 W"):
         ctl.set_power_limit(300)
     assert gpu.is_pristine()
-    assert clocks._guard().snapshot() == {"devices": {}}  # the failed changes were un-marked
+    assert guard._guard().snapshot() == {"devices": {}}  # the failed changes were un-marked
     gpu.set_permission(True)
     assert ctl.lock(1200).settled and gpu.locked_clocks() == (1200, 1200)
     ctl.reset()
@@ -262,10 +262,10 @@ def test_two_gpus_are_guarded_independently(gpu, monkeypatch):
     c0.lock(1200)
     c1.lock(1500)
     assert gpu.locked_clocks(0) == (1200, 1200) and gpu.locked_clocks(1) == (1500, 1500)
-    assert set(clocks._guard().snapshot()["devices"]) == {"0", "1"}
+    assert set(guard._guard().snapshot()["devices"]) == {"0", "1"}
     c1.reset()
     assert gpu.locked_clocks(1) == (0, 0) and gpu.locked_clocks(0) == (1200, 1200)
-    clocks.restore_all()  # what the exit handlers run
+    guard.restore_all()  # what the exit handlers run
     assert gpu.is_pristine(0) and gpu.is_pristine(1)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     only = ld.ClockController(0, allow_clock_changes=True)  # CUDA ordinal 0 is NVML GPU 1
@@ -283,7 +283,7 @@ def test_two_gpus_are_guarded_independently(gpu, monkeypatch):
 def test_watchdog_is_replaced_if_it_dies_and_restores_on_sigterm(gpu):
     ctl = ld.ClockController(0, allow_clock_changes=True)
     ctl.lock(1200)
-    g = clocks._guard()
+    g = guard._guard()
     first = g.watchdog_pid()
     assert first is not None
     os.kill(first, signal.SIGKILL)  # a killed watchdog cannot restore ...
@@ -303,7 +303,7 @@ import os, signal, sys, time
 if "ignore-sigint" in sys.argv:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # e.g. a background job of a non-interactive shell
 import llm_dvfs as ld
-from llm_dvfs import clocks
+from llm_dvfs.control import guard
 ctl = ld.ClockController(0, allow_clock_changes=True)
 ctl.lock(sm_mhz=1200, mem_mhz=1593)
 ctl.set_power_limit(350)
@@ -314,7 +314,7 @@ if "fork" in sys.argv:
         time.sleep(60)
         os._exit(0)
     extra = str(pid)
-print("locked", clocks._guard().watchdog_pid(), extra, flush=True)
+print("locked", guard._guard().watchdog_pid(), extra, flush=True)
 if "exit" in sys.argv:
     sys.exit(0)
 time.sleep(60)

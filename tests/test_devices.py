@@ -21,7 +21,7 @@ def _run_info(env_extra: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_import_does_not_load_nvml(fake_gpu):
-    code = ("import llm_dvfs, llm_dvfs._core as c; import llm_dvfs.monitor, llm_dvfs.devices; "
+    code = ("import llm_dvfs, llm_dvfs._core as c; import llm_dvfs.meter.monitor, llm_dvfs.devices; "
             "print(repr(c.nvml_library_path()), c.nvml_refcount())")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
     assert r.returncode == 0, r.stderr

@@ -5,10 +5,10 @@ import math
 
 import pytest
 
-from llm_dvfs import features
+from llm_dvfs.workload import features
 from llm_dvfs.errors import ConfigError, DataNotFound
-from llm_dvfs.features import FEATURE_COLUMNS, compute_features, heuristic_entities
-from llm_dvfs.results import FEATURE_PREFIX, to_frame
+from llm_dvfs.workload.features import FEATURE_COLUMNS, compute_features, heuristic_entities
+from llm_dvfs.schema import FEATURE_PREFIX, to_frame
 
 
 def H(counts):
@@ -104,7 +104,7 @@ def test_token_features_with_a_word_level_tokenizer(word_tokenizer):
 def test_token_features_with_a_transformers_tokenizer(tmp_path_factory, monkeypatch):
     pytest.importorskip("transformers")
     monkeypatch.setenv("LLM_DVFS_CACHE", str(tmp_path_factory.getbasetemp() / "llm_dvfs_cache"))
-    from llm_dvfs.models import build_offline_tokenizer
+    from llm_dvfs.workload.models import build_offline_tokenizer
     tok = build_offline_tokenizer(4096)
     text = "The river begins as a thin stream high in the hills."
     r = one(text, tokenizer=tok)
@@ -190,7 +190,7 @@ def test_features_go_through_the_result_schema():
 
 
 def test_nltk_counting_with_a_stub_pipeline(monkeypatch):
-    nltk = pytest.importorskip("nltk")
+    pytest.importorskip("nltk")
     from nltk.tree import Tree
 
     class Tagger:

@@ -9,9 +9,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from llm_dvfs import models  # noqa: E402
+from llm_dvfs.workload import models  # noqa: E402
 from llm_dvfs.errors import ConfigError, DataNotFound  # noqa: E402
-from llm_dvfs.models import (ModelSpec, arch_info, build_offline_tokenizer, list_arch,  # noqa: E402
+from llm_dvfs.workload.models import (ModelSpec, arch_info, build_offline_tokenizer, list_arch,  # noqa: E402
                              load_model)
 
 

@@ -9,7 +9,7 @@ import pytest
 
 import llm_dvfs as ld
 from llm_dvfs import errors
-from llm_dvfs.monitor import _hold_integral
+from llm_dvfs.meter.monitor import _hold_integral
 
 pytestmark = pytest.mark.native
 

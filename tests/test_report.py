@@ -16,9 +16,14 @@ import pandas as pd
 import pytest
 
 from llm_dvfs import report
-from llm_dvfs.report import CSV_TABLES
+from llm_dvfs.analysis.build import build_report
+from llm_dvfs.analysis.dvfs_fit import phase_scaling
+from llm_dvfs.analysis.feature_stats import feature_correlations, feature_regression
+from llm_dvfs.analysis.findings import cannot_conclude
+from llm_dvfs.analysis.rundata import CSV_TABLES, RunData
+from llm_dvfs.analysis.summary import default_group_keys, optimal_clocks, summarize
 
-from report_fixtures import check_html_in_chromium, find_chromium, make_run_dir
+from report_fixtures import check_html_in_chromium, find_chromium, make_requests, make_run_dir
 
 PYTHON_DIR = Path(__file__).resolve().parents[1] / "python"
 
@@ -111,6 +116,33 @@ def test_report_lists_what_cannot_be_concluded_for_a_sweep(sweep_report):
     assert "Synthetic H100" in text
 
 
+def _throttle_sentences(reasons_by_clock: dict[float, int], tmp_path: Path) -> list[str]:
+    """The "clock throttling" caveats when the first group's rows at each clock of
+    ``reasons_by_clock`` carry those NVML clock-event reason bits (every other row: none)."""
+    req = make_requests(n_samples=4, throttle_at_max=False).requests
+    keys = default_group_keys(req)
+    summary = summarize(req, group_keys=keys, n_boot=50)
+    summary["clock_event_reasons"] = 0
+    first = summary["task"] == summary["task"].iloc[0]
+    for clock, bits in reasons_by_clock.items():
+        summary.loc[first & (summary["sm_mhz_requested"] == clock), "clock_event_reasons"] = bits
+    run = RunData(path=tmp_path, manifest={}, requests=req, tokens=None, power=None)
+    ref = req[req["sm_mhz_requested"] == 1980.0]
+    text = cannot_conclude(run, summary, optimal_clocks(summary, group_keys=keys),
+                           phase_scaling(req, group_keys=keys),
+                           feature_correlations(req, group_keys=keys, per_clock=True),
+                           feature_regression(ref, group_keys=keys, per_clock=False), keys)
+    return [t for t in text if "throttling" in t]
+
+
+def test_throttle_bits_are_named_from_the_clock_event_table(tmp_path):
+    # 0x40 is HW thermal slowdown (not "SW thermal"); 0x100 is the display clock, not throttling
+    hot = _throttle_sentences({1980.0: 0x40, 600.0: 0x100}, tmp_path)
+    assert len(hot) == 1 and "1980 MHz (HW thermal slowdown)" in hot[0]
+    assert "600 MHz" not in hot[0] and "display" not in hot[0].lower()
+    assert _throttle_sentences({1980.0: 0x100}, tmp_path) == []
+
+
 def test_html_is_self_contained(sweep_report):
     _, out_dir, _ = sweep_report
     page = (out_dir / "report.html").read_text()
@@ -178,8 +210,8 @@ def test_request_option_out_dir_and_no_html(sweep_report, tmp_path):
     run, _, _ = sweep_report
     rid = run.requests.loc[(run.requests["sm_mhz_requested"] == 600.0) & (run.requests["task"] == "qa"),
                            "request_id"].iloc[3]
-    rep = report.build_report(run_dir := sweep_report[1].parent, tmp_path / "o", request_id=rid,
-                              html_page=False, n_boot=100)
+    rep = build_report(run_dir := sweep_report[1].parent, tmp_path / "o", request_id=rid,
+                       html_page=False, n_boot=100)
     assert rep.trace_request == rid
     assert not (tmp_path / "o" / "report.html").exists()
     assert (tmp_path / "o" / "report.md").exists() and (tmp_path / "o" / "figures" / "power_trace.png").exists()

@@ -6,26 +6,25 @@ import json
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from llm_dvfs.errors import ConfigError
-from llm_dvfs.results import to_frame
-from llm_dvfs.runner import GenerationSettings, Runner, bare_generate
+from llm_dvfs.schema import to_frame
+from llm_dvfs.workload.runner import GenerationSettings, Runner, bare_generate
 
 MAX_NEW = 6
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from llm_dvfs.models import load_model
+    from llm_dvfs.workload.models import load_model
 
     return load_model("arch:tiny", device="cpu", seed=0)
 
 
 @pytest.fixture(scope="module")
 def synthetic():
-    from llm_dvfs.tasks import get_task
+    from llm_dvfs.workload.tasks import get_task
 
     task = get_task("synthetic:max_words=24")
     return task, task.samples(3, 0)
@@ -90,7 +89,7 @@ def test_sampled_decoding_is_seeded_per_cell_and_batch(tiny, synthetic):
 
 
 def test_features_and_context_columns(tiny, synthetic):
-    from llm_dvfs.features import compute_features
+    from llm_dvfs.workload.features import compute_features
 
     task, samples = synthetic
     feats = compute_features([s.prompt for s in samples], tiny.tokenizer, ner="heuristic")
@@ -118,7 +117,7 @@ def test_bad_batch_size_and_settings(tiny, synthetic):
 
 
 def test_quality_generate_and_loglik_tasks(tiny, tmp_path):
-    from llm_dvfs.tasks import get_task
+    from llm_dvfs.workload.tasks import get_task
 
     boolq = tmp_path / "boolq.jsonl"
     boolq.write_text("\n".join(json.dumps(r) for r in [
@@ -149,7 +148,7 @@ def test_bare_generate_counts_tokens(tiny, synthetic):
 
 @pytest.mark.native
 def test_energy_attribution_with_emulated_gpu(tiny, synthetic, fake_gpu):
-    from llm_dvfs.monitor import PowerMonitor
+    from llm_dvfs.meter.monitor import PowerMonitor
 
     task, samples = synthetic
     fake_gpu.set_power_w(300.0)  # 300 W at the default 1980 MHz

@@ -3,7 +3,6 @@ observe mode, resume after SIGKILL, the embedded default, and bad input."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -11,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
 from fakes.fake_gpu import GRAPHICS_CLOCKS_MHZ, model_power_w
 from llm_dvfs import sweep
+from llm_dvfs.sweep.execute import _clock_not_held
 from llm_dvfs.errors import ConfigError
 from llm_dvfs.run import main
 
@@ -268,11 +267,11 @@ def test_ctrl_c_restores_and_marks_the_run_interrupted(fake_gpu, tmp_path):
 def test_cells_whose_clock_was_not_held_are_flagged():
     cp = sweep.ClockPoint(sm_mhz=1200)
     ok = pd.DataFrame({"sm_mhz_observed": [1200.0, 1215.0], "mem_mhz_observed": [2619.0, 2619.0]})
-    assert sweep._clock_not_held(cp, ok, 30.0) is None
+    assert _clock_not_held(cp, ok, 30.0) is None
     bad = pd.DataFrame({"sm_mhz_observed": [1200.0, 1980.0, 1980.0], "mem_mhz_observed": [2619.0] * 3})
-    assert sweep._clock_not_held(cp, bad, 30.0).startswith("2 of 3 requests ran at SM clocks other than the "
+    assert _clock_not_held(cp, bad, 30.0).startswith("2 of 3 requests ran at SM clocks other than the "
                                                             "requested 1200 MHz (observed 1980 MHz)")
-    assert sweep._clock_not_held(sweep.ClockPoint(), bad, 30.0) is None  # observe mode: nothing requested
+    assert _clock_not_held(sweep.ClockPoint(), bad, 30.0) is None  # observe mode: nothing requested
 
 
 def test_default_run_on_cpu_without_driver(no_nvml_driver, tmp_path):
@@ -361,7 +360,7 @@ def test_hub_model_not_cached_and_missing_nltk_data(tmp_path, capsys):
                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2
     assert "not available from the Hugging Face hub or its cache" in p.stderr
-    from llm_dvfs.features import check_nltk_data
+    from llm_dvfs.workload.features import check_nltk_data
     try:
         check_nltk_data()
     except Exception:  # noqa: BLE001 - the data is missing here: the default --ner nltk must say so

@@ -1,4 +1,4 @@
-"""tasks.py: local-file tasks with column mappings, templates, metrics, synthetic prompts, errors."""
+"""workload.tasks: local-file tasks with column mappings, templates, metrics, synthetic prompts, errors."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 
 from llm_dvfs.errors import ConfigError, DataNotFound
-from llm_dvfs.tasks import (TRUTHFULQA_PRIMER, LoglikResult, Sample, choice_logliks, get_task,
-                            list_tasks, parse_task_spec, rouge_l_f1, sample_logliks)
+from llm_dvfs.workload.scoring import choice_logliks, sample_logliks
+from llm_dvfs.workload.tasks import (TRUTHFULQA_PRIMER, LoglikResult, Sample, get_task, list_tasks,
+                                     parse_task_spec, rouge_l_f1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def test_hellaswag_loglik_picks_right_ending_with_stub_scorer(hellaswag_parquet,
                                                               monkeypatch):
     pytest.importorskip("torch")
     monkeypatch.setenv("LLM_DVFS_CACHE", str(tmp_path_factory.getbasetemp() / "llm_dvfs_cache"))
-    from llm_dvfs.models import build_offline_tokenizer
+    from llm_dvfs.workload.models import build_offline_tokenizer
     tok = build_offline_tokenizer(4096)
     task = get_task(f"hellaswag:file={hellaswag_parquet}")
     s = task.samples(seed=None)[0]
@@ -194,7 +195,7 @@ def test_hellaswag_loglik_picks_right_ending_with_stub_scorer(hellaswag_parquet,
 def test_choice_logliks_match_a_manual_forward(tmp_path_factory, monkeypatch):
     torch = pytest.importorskip("torch")
     monkeypatch.setenv("LLM_DVFS_CACHE", str(tmp_path_factory.getbasetemp() / "llm_dvfs_cache"))
-    from llm_dvfs.models import load_model
+    from llm_dvfs.workload.models import load_model
     lm = load_model("arch:tiny", device="cpu", seed=1)
     ctx, conts = "The river begins as a thin stream ", ["high in the hills.", "of data"]
     res = choice_logliks(lm.model, lm.tokenizer, ctx, conts)

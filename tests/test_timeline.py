@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llm_dvfs import timeline as tlmod
-from llm_dvfs.attribution import attribute
+from llm_dvfs.meter import timeline as tlmod
+from llm_dvfs.meter.attribution import attribute
 from llm_dvfs.errors import ConfigError, LlmDvfsError
-from llm_dvfs.timeline import (
+from llm_dvfs.meter.timeline import (
     LABEL_END,
     LABEL_START,
     LABEL_STEP,
@@ -111,7 +111,6 @@ def tiny_llama():
 def _force_eos_processor(eos_at: dict[int, int], eos_id: int = 5):
     """A logits processor that makes row r emit EOS at generation step eos_at[r] and never
     before (so the token counts are known)."""
-    import torch
     from transformers import LogitsProcessor
 
     class Force(LogitsProcessor):
@@ -158,9 +157,9 @@ def test_generate_batch_counts_tokens_per_sequence_and_attributes(tiny_llama):
     ids = torch.randint(6, 128, (3, 6))
     user = _force_eos_processor({0: 1, 2: 4})  # row 0: 2 tokens, row 2: 5, row 1: all 8
     timer = TokenTimer()
-    out = timer.generate(tiny_llama, input_ids=ids, attention_mask=torch.ones_like(ids),
-                         max_new_tokens=8, do_sample=False,
-                         logits_processor=LogitsProcessorList([user]))
+    timer.generate(tiny_llama, input_ids=ids, attention_mask=torch.ones_like(ids),
+                   max_new_tokens=8, do_sample=False,
+                   logits_processor=LogitsProcessorList([user]))
     tt = timer.timing
     assert user.step == tt.steps == 8  # the user's processor was kept alongside ours
     np.testing.assert_array_equal(tt.tokens_per_sequence, [2, 8, 5])
@@ -416,7 +415,7 @@ def test_fallback_symbols_and_missing_host_func(tmp_path):
     lib = _build_fake(tmp_path, "libfake_cuda_old.so", "-DFAKE_CUDA_OLD")
     code = textwrap.dedent("""
         import llm_dvfs._core as c
-        from llm_dvfs.timeline import Timeline, CudaError
+        from llm_dvfs.meter.timeline import Timeline, CudaError
         syms = c.cuda_symbols() if c.cuda_driver_version() else {}
         assert syms["cuEventElapsedTime"] and syms["cuEventDestroy"], syms
         assert syms["cuStreamDestroy"] and syms["cuCtxPopCurrent"], syms
@@ -441,7 +440,7 @@ def test_fallback_symbols_and_missing_host_func(tmp_path):
 def test_missing_library_is_library_not_found(tmp_path):
     code = textwrap.dedent("""
         from llm_dvfs.errors import LibraryNotFound
-        from llm_dvfs.timeline import Timeline
+        from llm_dvfs.meter.timeline import Timeline
         try:
             Timeline("event")
         except LibraryNotFound as e:

@@ -14,15 +14,17 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "devices": "devices",
     "DeviceInfo": "devices",
-    "PowerMonitor": "monitor",
-    "Window": "monitor",
-    "Measurement": "monitor",
-    "ClockController": "clocks",
-    "ClockState": "clocks",
-    "LockResult": "clocks",
-    "ClockNotSettled": "clocks",
-    "ClockSettleWarning": "clocks",
-    "TokenTimer": "timeline",
+    "PowerMonitor": "meter.monitor",
+    "Window": "meter.monitor",
+    "Measurement": "meter.monitor",
+    "ClockController": "control.clocks",
+    "ClockState": "control.clocks",
+    "LockResult": "control.clocks",
+    "ClockNotSettled": "control.clocks",
+    "ClockSettleWarning": "control.clocks",
+    "TokenTimer": "meter.timeline",
+    "attribute": "meter.attribution",
+    "Attribution": "meter.attribution",
     "LlmDvfsError": "errors",
     "NvmlError": "errors",
     "CudaError": "errors",
@@ -38,7 +40,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 # `devices` is both a submodule and the public function: bind the function eagerly (devices.py
 # is light and loads no library), so a later `import llm_dvfs.devices` cannot shadow it.
-from .devices import DeviceInfo, devices  # noqa: E402
+from llm_dvfs.devices import DeviceInfo, devices  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:

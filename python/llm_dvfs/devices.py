@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import errors
+from llm_dvfs import errors
 
 _last_error: Optional[str] = None
 _last_library: Optional[str] = None
@@ -79,7 +79,7 @@ def library_path() -> Optional[str]:
 
 
 def _core():
-    from . import _core as core  # the extension loads no library at import
+    from llm_dvfs import _core as core  # the extension loads no library at import
 
     return core
 
@@ -169,3 +169,13 @@ def nvml_index(device: int | str | None) -> int:
         reason = f" ({last_error()})" if last_error() else ""
         raise errors.ConfigError(f"GPU {idx} is not visible: {len(devs)} GPU(s) found{reason}")
     return devs[idx].nvml_index
+
+
+def compute_processes(nvml_index: int) -> list[tuple[int, int]]:
+    """(pid, used GPU memory bytes) of every compute process on the GPU with this NVML index.
+
+    Raises :class:`~llm_dvfs.errors.LlmDvfsError` (no library, driver failure) like ``devices()``.
+    """
+    with _core().Session() as s:
+        procs = s.compute_processes(int(nvml_index))
+    return [(int(p), int(m)) for p, m in procs]

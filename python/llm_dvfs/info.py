@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from . import errors
+from llm_dvfs import errors
 
 
 def _compress(clocks: list[int]) -> str:
@@ -76,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output (a JSON object)")
     args = p.parse_args(argv)
-    from .devices import devices, last_error, library_path
+    from llm_dvfs.devices import devices, last_error, library_path
 
     try:
         devs = devices()

@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 from typing import Any, Optional, Sequence
 
-from . import errors
+from llm_dvfs import errors
 
 EXAMPLES = """\
 examples:
@@ -57,7 +56,7 @@ tokens.parquet, power.parquet, requests.csv, summary.csv, manifest.json; read th
 exit status: 0 done, 2 bad input (nothing written), 1 failure during the run (resumable),
 130 interrupted (resumable)."""
 
-# (flag, config key, metavar / action, help) — help texts come from sweep.FIELD_HELP
+# (flag, config key, metavar / action, help) — help texts come from llm_dvfs.sweep.config.FIELD_HELP
 _VALUE_FLAGS = [
     ("--models", "models", "SPEC[,SPEC...]"),
     ("--tasks", "tasks", "TASK[,TASK...]"),
@@ -93,7 +92,7 @@ _ALIASES = {"models": ["--model", "-m"], "tasks": ["--task", "-t"], "out": ["-o"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .sweep import FIELD_HELP
+    from llm_dvfs.sweep.config import FIELD_HELP
 
     p = argparse.ArgumentParser(
         prog="python -m llm_dvfs.run",
@@ -164,7 +163,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit status (see the module docstring)."""
-    from . import sweep
+    from llm_dvfs.sweep.config import embedded_default, load_config, resume_config
+    from llm_dvfs.sweep.execute import execute
+    from llm_dvfs.sweep.plan import GpuBusy, prepare
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -177,17 +178,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if args.config:
                     raise errors.ConfigError("--resume takes the settings from the run's manifest; "
                                              "don't pass --config")
-                cfg = sweep.resume_config(args.resume, overrides)
-                plan = sweep.prepare(cfg, resume=args.resume)
+                cfg = resume_config(args.resume, overrides)
+                plan = prepare(cfg, resume=args.resume)
             else:
                 if args.config is None and not (set(overrides) - _EMBEDDED_OK):
                     # nothing about the grid was said: the embedded default
-                    overrides = {**sweep.embedded_default(overrides.get("device", "auto")), **overrides}
+                    overrides = {**embedded_default(overrides.get("device", "auto")), **overrides}
                     log.info("no grid given: running the embedded default (a small arch: model with "
                              "random weights on the synthetic task); see --help for the options")
-                cfg = sweep.load_config(args.config, overrides)
-                plan = sweep.prepare(cfg)
-        except (errors.ConfigError, errors.DataNotFound, sweep.GpuBusy, errors.ClockChangeNotAllowed) as e:
+                cfg = load_config(args.config, overrides)
+                plan = prepare(cfg)
+        except (errors.ConfigError, errors.DataNotFound, GpuBusy, errors.ClockChangeNotAllowed) as e:
             print(f"llm_dvfs.run: error: {e}", file=sys.stderr)
             return 2
         for line in plan.describe().splitlines():
@@ -199,8 +200,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("dry run: nothing was run or written")
             return 0
         try:
-            res = sweep.execute(plan, argv=["python", "-m", "llm_dvfs.run", *(argv if argv is not None else sys.argv[1:])],
-                                quiet=args.quiet)
+            res = execute(plan, argv=["python", "-m", "llm_dvfs.run", *(argv if argv is not None else sys.argv[1:])],
+                          quiet=args.quiet)
+            from llm_dvfs.analysis.console import write_summary  # after the run: scipy & co. load late
+            _, summary_text = write_summary(res.out, res.requests)  # DIR/summary.csv
         except KeyboardInterrupt:
             print(f"\nllm_dvfs.run: interrupted; finished cells are in {plan.out}. Continue with:\n"
                   f"  python -m llm_dvfs.run --resume {plan.out}"
@@ -213,13 +216,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"llm_dvfs.run: error during the run: {type(e).__name__}: {e}\nFinished cells are kept; "
                   f"continue with: python -m llm_dvfs.run --resume {plan.out}", file=sys.stderr)
             return 1
-        _print_result(res, plan)
+        _print_result(res, plan, summary_text)
         return 0 if res.status == "complete" else 1
     finally:
         _teardown_logging(handler)
 
 
-def _print_result(res: Any, plan: Any) -> None:
+def _print_result(res: Any, plan: Any, summary_text: str) -> None:
     out = res.out
     print()
     print(f"llm_dvfs sweep {res.status}: {len(res.requests)} requests, {res.cells_run} cell(s) run"
@@ -228,7 +231,7 @@ def _print_result(res: Any, plan: Any) -> None:
         print(f"note: {n}")
     print()
     print("Summary (medians per model x task x batch size x clock point; dE/dLat vs the highest clock):")
-    print(res.summary_text)
+    print(summary_text)
     print()
     if not plan.energy_available:
         print("Energy columns are empty: no NVIDIA driver/GPU was measured (time, tokens and "

@@ -1,7 +1,7 @@
 """Restore watchdog: a tiny process that puts GPU clocks back when its owner dies.
 
-:mod:`llm_dvfs.clocks` starts one (``python -m llm_dvfs._watchdog --owner-pid PID``) before the
-first clock or power-limit change of a process. Protocol, all on pipes:
+:mod:`llm_dvfs.control.guard` starts one (``python -m llm_dvfs.control._watchdog --owner-pid PID``) before
+the first clock or power-limit change of a process. Protocol, all on pipes:
 
 * stdin: newline-delimited JSON snapshots ``{"devices": {"<nvml index>": ENTRY}}`` where ENTRY is
   ``{"dirty": [...components...], "orig_app_mem_mhz": int|None, "orig_app_sm_mhz": int|None,
@@ -17,7 +17,7 @@ is ignored and the process runs in its own session, so a Ctrl-C aimed at the own
 does not kill it before the owner has restored.
 
 This module is also the one implementation of "restore a device", used by the owner
-(:mod:`llm_dvfs.clocks`) so both sides behave identically.
+(:mod:`llm_dvfs.control.guard`) so both sides behave identically.
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def _log(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m llm_dvfs._watchdog")
+    p = argparse.ArgumentParser(prog="python -m llm_dvfs.control._watchdog")
     p.add_argument("--owner-pid", type=int, required=True)
     args = p.parse_args(argv)
 

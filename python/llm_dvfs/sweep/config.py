@@ -4,7 +4,7 @@ One concern: turning settings (a config file, command-line flags, or a run direc
 ``--resume``) into a validated :class:`SweepConfig`. Values are normalised and type-checked here
 (``"1,8"`` → ``[1, 8]``, clock specs → :func:`parse_clock_spec`'s forms); unknown keys are
 rejected with a did-you-mean. Checks that need the model, the data or the GPU happen in
-:func:`llm_dvfs.sweep.prepare`. Everything public here is re-exported by :mod:`llm_dvfs.sweep`.
+:func:`llm_dvfs.sweep.plan.prepare`. The public names are also exported by :mod:`llm_dvfs.sweep`.
 
 Raises :class:`~llm_dvfs.errors.ConfigError` for every bad setting.
 """
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from .errors import ConfigError
-from .rundir import RunDir
+from llm_dvfs.errors import ConfigError
+from llm_dvfs.sweep.rundir import RunDir
 
 # the sweep's logger: these messages were always the sweep's (run.log and -v filters keep working)
 log = logging.getLogger("llm_dvfs.sweep")
@@ -43,7 +43,7 @@ EMBEDDED_DEFAULT_CPU: dict[str, Any] = {"ner": "heuristic", "tasks": ["synthetic
 def embedded_default(device: str = "auto") -> dict[str, Any]:
     """The embedded default settings for ``device`` (auto: the GPU if torch sees one)."""
     try:
-        dev = _resolve_device(str(_normalise("device", device, "device")))
+        dev = resolve_device(str(_normalise("device", device, "device")))
     except ConfigError:
         dev = "cpu"
     return dict(EMBEDDED_DEFAULT_GPU if dev.startswith("cuda") else EMBEDDED_DEFAULT_CPU)
@@ -443,7 +443,7 @@ def resume_config(run_dir: str | os.PathLike[str], overrides: Optional[Mapping[s
         log.warning("the run in %s is in observe mode; --allow-clock-changes is ignored when resuming it", run_dir)
         cfg.allow_clock_changes = False
     if manifest.get("mode") == "sweep" and not cfg.allow_clock_changes:
-        from .clocks import clock_changes_allowed
+        from llm_dvfs.control.clocks import clock_changes_allowed
         if not clock_changes_allowed(False):
             raise ConfigError(f"the run in {str(run_dir)!r} changes clocks ({len(manifest['config'].get('clock_points', []))} "
                               "clock points); pass --allow-clock-changes again to resume it")
@@ -451,7 +451,12 @@ def resume_config(run_dir: str | os.PathLike[str], overrides: Optional[Mapping[s
 
 
 # the device setting → a torch device (here because embedded_default needs it; prepare uses it too)
-def _resolve_device(value: str) -> str:
+def resolve_device(value: str) -> str:
+    """The torch device of a ``device`` setting (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
+
+    Raises:
+        ConfigError: CUDA is requested but not available, or the ordinal is not visible.
+    """
     import torch
 
     if value == "auto":
@@ -470,4 +475,4 @@ def _resolve_device(value: str) -> str:
 __all__ = ["SweepConfig", "FIELD_HELP", "ON_BUSY", "NER_MODES", "DTYPES", "EMBEDDED_DEFAULT_GPU",
            "EMBEDDED_DEFAULT_CPU", "DEFAULT_GPU_MODEL", "DEFAULT_CPU_MODEL", "embedded_default", "did_you_mean",
            "load_config_file", "config_from_mapping", "parse_clock_spec", "load_config", "RESUME_OVERRIDABLE",
-           "resume_config"]
+           "resume_config", "resolve_device"]

@@ -2,8 +2,8 @@
 
 This is the only module of the sweep that knows ``transformers``. It takes a loaded model
 (:class:`llm_dvfs.models.LoadedModel`), a task's samples and a :class:`~llm_dvfs.monitor.PowerMonitor`
-and returns one row per request in the ``requests`` schema of :mod:`llm_dvfs.results`, plus the
-``tokens`` rows. It neither changes clocks nor writes files (that is :mod:`llm_dvfs.sweep`).
+and returns one row per request in the ``requests`` schema of :mod:`llm_dvfs.schema`, plus the
+``tokens`` rows. It neither changes clocks nor writes files (that is :mod:`llm_dvfs.sweep.execute`).
 
 Per batch of ``batch_size`` requests (prompts padded on the left, ``batch_index`` recorded):
 
@@ -38,7 +38,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from .errors import ConfigError
+from llm_dvfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class GenerationSettings:
 
 
 # --------------------------------------------------------------------------------------------
-# task adapter: the few things the runner needs from llm_dvfs.tasks
+# task adapter: the few things the runner needs from llm_dvfs.workload.tasks
 # --------------------------------------------------------------------------------------------
 def score_batch(task: Any, samples: Sequence[Any], outputs: Sequence[str], loaded: Any) -> list[float]:
     """Per-request quality by the task's metric (NaN where the task has none).
@@ -106,7 +106,7 @@ def score_batch(task: Any, samples: Sequence[Any], outputs: Sequence[str], loade
     if scoring == "generate":
         return [float(task.score(s, o)) for s, o in zip(samples, outputs)]
     if scoring == "loglik":
-        from .tasks import sample_logliks
+        from llm_dvfs.workload.scoring import sample_logliks
 
         return [float(task.score(s, sample_logliks(loaded.model, loaded.tokenizer, s))) for s in samples]
     return [math.nan] * len(samples)
@@ -168,7 +168,7 @@ class _Pending:
 class _Instrument:
     """Measures ``generate`` calls: a monitor window around each call and token marks inside it
     (:class:`~llm_dvfs.timeline.TokenTimer`); after a cell, :meth:`attribute` turns the power
-    trace and the marks into per-request and per-token energy (:mod:`llm_dvfs.attribution`).
+    trace and the marks into per-request and per-token energy (:mod:`llm_dvfs.meter.attribution`).
     This is the one place of the runner that knows how measuring works.
     """
 
@@ -181,8 +181,8 @@ class _Instrument:
         self._cuda = device.startswith("cuda")
         self.timer = None
         if token_timing:
-            from . import errors
-            from .timeline import Timeline, TokenTimer
+            from llm_dvfs import errors
+            from llm_dvfs.meter.timeline import Timeline, TokenTimer
             try:
                 # built here, not lazily in generate: a missing CUDA driver library must not
                 # fail a cell halfway
@@ -198,7 +198,7 @@ class _Instrument:
 
     @staticmethod
     def _now_s() -> float:
-        from .timeline import host_monotonic_ns
+        from llm_dvfs.meter.timeline import host_monotonic_ns
         return host_monotonic_ns() * 1e-9
 
     def run(self, model: Any, inputs: Mapping[str, Any], kwargs: dict[str, Any]) -> tuple[Any, "_Pending"]:
@@ -236,11 +236,11 @@ class _Instrument:
         timed = [(b, ids) for b, ids in zip(batches, request_ids) if b.timing is not None]
         if not timed:
             return {}, [], {}
+        from llm_dvfs.meter import attribution
+
         timings = [b.timing for b, _ in timed]
         ids = [list(i) for _, i in timed]
         if self.monitor is not None:
-            from . import attribution
-
             t0 = min(t.t_start_s for t in timings)
             t1 = max(t.t_end_s for t in timings)
             trace = self.monitor.trace(t0 - self.TRACE_MARGIN_S, t1 + self.TRACE_MARGIN_S)
@@ -259,10 +259,8 @@ class _Instrument:
             for j, rid in enumerate(rids):
                 n = int(t.tokens_per_sequence[j])
                 per[rid] = {"ttft_s": t.ttft_s, "latency_s": t.latency_s,
-                            "tpot_s": (float(b[n]) - float(b[1])) / (n - 1) if n >= 2 else math.nan}
-                tokens.extend({"cell_id": cell_id, "request_id": rid, "token_index": i,
-                               "phase": "prefill" if i == 0 else "decode", "t_start_s": float(b[i]),
-                               "t_end_s": float(b[i + 1]), "energy_j": math.nan} for i in range(n))
+                            "tpot_s": attribution.request_tpot_s(b, n)}
+                tokens.extend(attribution.request_token_rows(b, n, rid, cell_id))
         return per, tokens, {"energy_method": "none"}
 
 
@@ -343,7 +341,7 @@ class Runner:
         finally:
             tok.truncation_side = side
             # a fast tokenizer leaves padding/truncation switched on in its Rust backend; code
-            # that encodes through the backend directly (llm_dvfs.features) would count pads
+            # that encodes through the backend directly (llm_dvfs.workload.features) would count pads
             backend = getattr(tok, "backend_tokenizer", None)
             if backend is not None:
                 backend.no_padding()
@@ -354,7 +352,7 @@ class Runner:
     def out_lengths(self, out: Any, prompt_len: int) -> list[int]:
         """Generated tokens per row: up to and including the first EOS (padding after it is
         not output)."""
-        from .timeline import tokens_per_sequence
+        from llm_dvfs.meter.timeline import tokens_per_sequence
 
         eos = None if self.settings.fixed_output_length else self.loaded.tokenizer.eos_token_id
         return [int(n) for n in tokens_per_sequence(out, prompt_len, eos)]

@@ -10,7 +10,7 @@ Inputs are plain data, so this module depends neither on the monitor nor on torc
 Method
 ------
 1. **Zero-order hold.** Each sample's power holds from its time until the next sample (the
-   method that matched the hardware counter to +0.1/-0.45 % on an H100, DESIGN.md). Before the
+   method that matched the hardware counter to +0.1/-0.45 % on an H100, docs/design.md). Before the
    first sample the first value is held backwards, after the last the last value forwards;
    :attr:`Attribution.coverage` says how much of the window real samples covered.
 2. **Lag compensation.** The sensor reports power late (~20-25 ms for the H100 sample buffer).
@@ -34,14 +34,14 @@ Method
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 
-from . import results
-from .errors import ConfigError
+from llm_dvfs import schema as results
+from llm_dvfs.errors import ConfigError
 
 __all__ = [
     "DEFAULT_LAG_S",
@@ -52,12 +52,14 @@ __all__ = [
     "integrate_zoh",
     "step_energies",
     "split_steps",
+    "request_tpot_s",
+    "request_token_rows",
     "traces_from_frame",
     "attribute",
 ]
 
 # Rough per-source sensor lags, s, used when the trace cannot give one (no idle edges) and no
-# calibration value is passed. H100 buffer: DESIGN.md (power rises 20-25 ms after work starts);
+# calibration value is passed. H100 buffer: docs/design.md (power rises 20-25 ms after work starts);
 # the 100 ms instant field and the 1 s average are rough guesses. Re-measure per GPU model with
 # bench/attribution_accuracy.py, which prints the lag it estimates.
 DEFAULT_LAG_S: dict[str, float] = {"buffer": 0.022, "instant": 0.05, "average": 0.5}
@@ -310,6 +312,30 @@ def _as_batch(obj: Any, ids: Optional[Sequence[str]], k: int) -> _Batch:
     return _Batch(b, n, ids, ttft)
 
 
+def request_tpot_s(bounds_s: Any, n: int) -> float:
+    """Time per output token of a sequence with ``n`` tokens in a batch with step boundaries
+    ``bounds_s``: ``(bounds_s[n] - bounds_s[1]) / (n - 1)`` (the decode steps, the first token's
+    step excluded); NaN when ``n < 2``."""
+    if n < 2:
+        return float("nan")
+    return (float(bounds_s[n]) - float(bounds_s[1])) / (n - 1)
+
+
+def request_token_rows(bounds_s: Any, n: int, request_id: str, cell_id: Optional[str] = None,
+                       energy_j: Any = None) -> list[dict]:
+    """The ``tokens`` table rows of one sequence: token ``i`` spans step ``i`` of ``bounds_s``
+    (token 0 is the prefill); ``energy_j[i]`` its energy (NaN for all when ``energy_j`` is None)."""
+    return [{
+        "cell_id": cell_id,
+        "request_id": request_id,
+        "token_index": i,
+        "phase": "prefill" if i == 0 else "decode",
+        "t_start_s": float(bounds_s[i]),
+        "t_end_s": float(bounds_s[i + 1]),
+        "energy_j": float(energy_j[i]) if energy_j is not None else math.nan,
+    } for i in range(n)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Attribution
 
@@ -494,15 +520,13 @@ def attribute(
             row_e = share[j]
             energy = float(row_e.sum())
             prefill = float(row_e[0]) if row_e.size else 0.0
-            t_last = float(b.bounds_s[n]) if n >= 1 else float("nan")
-            tpot = (t_last - float(b.bounds_s[1])) / (n - 1) if n >= 2 else float("nan")
             row = {
                 "request_id": b.request_ids[j],
                 "batch_size": B,
                 "batch_index": j,
                 "tokens_out": n,
                 "ttft_s": b.ttft_s,
-                "tpot_s": tpot,
+                "tpot_s": request_tpot_s(b.bounds_s, n),
                 "latency_s": latency,
                 "energy_j": energy,
                 "prefill_energy_j": prefill,
@@ -522,16 +546,7 @@ def attribute(
             tok_e = row_e[:n].copy()
             if n and n < row_e.size:
                 tok_e[-1] += row_e[n:].sum()  # orphan steps (see split_steps) go to the last token
-            for i in range(n):
-                token_rows.append({
-                    "cell_id": cell_id,
-                    "request_id": b.request_ids[j],
-                    "token_index": i,
-                    "phase": "prefill" if i == 0 else "decode",
-                    "t_start_s": float(b.bounds_s[i]),
-                    "t_end_s": float(b.bounds_s[i + 1]),
-                    "energy_j": float(tok_e[i]),
-                })
+            token_rows.extend(request_token_rows(b.bounds_s, n, b.request_ids[j], cell_id, tok_e))
 
     window_energy = float(sum(t.energy_j(t0, t1) for t in traces))
     unattributed = window_energy - attributed

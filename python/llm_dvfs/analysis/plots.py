@@ -1,6 +1,6 @@
 """Figures of a run (PNG through matplotlib's Agg canvas).
 
-Every function takes tables from :mod:`llm_dvfs.analysis` or the run directory, returns a
+Every function takes tables from :mod:`llm_dvfs.analysis.summary` or the run directory, returns a
 :class:`matplotlib.figure.Figure`, and writes it to ``path`` (PNG) when one is given. Figures
 are built without ``pyplot``, so nothing here touches matplotlib's global backend or state and
 they work on a machine without a display.
@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .analysis import (BASE_GROUP_KEYS, CLOCK_KEYS, OPTIONAL_GROUP_KEYS, PHASES, center_column,
-                       default_group_keys)
+from llm_dvfs.analysis.dvfs_fit import PHASES
+from llm_dvfs.analysis.summary import (BASE_GROUP_KEYS, CLOCK_KEYS, OPTIONAL_GROUP_KEYS, center_column,
+                                       default_group_keys)
 
 #: Axis labels with units.
 METRIC_LABELS: dict[str, str] = {

@@ -2,11 +2,11 @@
 
 One concern: what lies on disk and how it is written, so that a kill at any moment leaves either
 the old file or the new one (temporary file + ``os.replace``), never a part. It knows nothing of
-the grid; the sweep (:mod:`llm_dvfs.sweep`) decides what is written when. Layout (docs/sweep.md)::
+the grid; the sweep (:mod:`llm_dvfs.sweep.execute`) decides what is written when. Layout (docs/sweep.md)::
 
     DIR/manifest.json        config, mode, versions, git revision, GPUs, start/end, status,
                              clock points (idle baseline, settle check), notes
-    DIR/requests.parquet     one row per request × clock point (llm_dvfs.results schema)
+    DIR/requests.parquet     one row per request × clock point (llm_dvfs.schema schema)
     DIR/requests.csv         the same, as CSV
     DIR/tokens.parquet       per-token rows (where token attribution ran)
     DIR/power.parquet        the raw power trace of every cell (cell_id column)
@@ -24,72 +24,39 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError
-from .results import SCHEMAS, to_frame
+from llm_dvfs.atomic import atomic_write_bytes, atomic_write_with
+from llm_dvfs.errors import ConfigError
+from llm_dvfs.schema import SCHEMAS, to_frame
 
-if TYPE_CHECKING:  # annotations only: the sweep imports this module
-    from .sweep import Cell
+
+
+class Cell(Protocol):
+    """What this module needs of a cell (:class:`llm_dvfs.sweep.plan.Cell` is one): it knows no grid."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def cell_id(self) -> str: ...
+
+    @property
+    def key(self) -> str: ...
+
 
 #: Version of the run-directory format (``format_version`` in manifest.json).
 FORMAT_VERSION = 1
 
 
-# ============================================================================================
-# files
-# ============================================================================================
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's files are 0600
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (readers see the old
-    file or the new one, never a part)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_with(path: Path, writer: Callable[[str], None]) -> None:
-    """Call ``writer(tmp_path)`` then ``os.replace(tmp_path, path)``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.chmod(tmp, _FILE_MODE)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dumps`` default: numpy scalars, paths, sets and tuples; anything else as ``str``."""
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):
@@ -114,7 +81,7 @@ def _finite(obj: Any) -> Any:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as strict JSON (NaN → null), atomically."""
-    text = json.dumps(_finite(json.loads(json.dumps(obj, default=_json_default))), indent=2, allow_nan=False)
+    text = json.dumps(_finite(json.loads(json.dumps(obj, default=json_default))), indent=2, allow_nan=False)
     atomic_write_bytes(path, (text + "\n").encode())
 
 
@@ -229,7 +196,8 @@ def _retype_requests(df: pd.DataFrame) -> pd.DataFrame:
 # ============================================================================================
 # manifest
 # ============================================================================================
-def _now_iso() -> str:
+def now_iso() -> str:
+    """Now, UTC, ISO 8601 to the second."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -248,8 +216,9 @@ def git_revision() -> Optional[str]:
         return None
 
 
-def _versions() -> dict[str, Optional[str]]:
-    from . import __version__
+def versions() -> dict[str, Optional[str]]:
+    """Versions of llm_dvfs, Python, CUDA and the packages a run depends on (None = absent)."""
+    from llm_dvfs import __version__
 
     out: dict[str, Optional[str]] = {"llm_dvfs": __version__, "python": platform.python_version()}
     for mod in ("torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "pyarrow", "nltk"):
@@ -265,4 +234,4 @@ def _versions() -> dict[str, Optional[str]]:
     return out
 
 
-__all__ = ["FORMAT_VERSION", "RunDir", "atomic_write_bytes", "atomic_write_with", "write_json", "git_revision"]
+__all__ = ["FORMAT_VERSION", "RunDir", "write_json", "json_default", "now_iso", "git_revision", "versions"]

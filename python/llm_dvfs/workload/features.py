@@ -57,8 +57,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError, DataNotFound
-from .results import FEATURE_PREFIX
+from llm_dvfs.errors import ConfigError, DataNotFound
+from llm_dvfs.schema import FEATURE_PREFIX
 
 FEATURE_COLUMNS: tuple[str, ...] = tuple(FEATURE_PREFIX + n for n in (
     "chars", "words", "tokens", "sentences", "char_entropy_bits", "token_entropy_bits",

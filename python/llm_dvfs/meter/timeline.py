@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 
-from .errors import ConfigError, LlmDvfsError
+from llm_dvfs.errors import ConfigError, LlmDvfsError
 
 try:  # the native core; absent in a source checkout that was not built
-    from . import _core  # type: ignore[attr-defined]
+    from llm_dvfs import _core  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - exercised only without the extension
     _core = None
 
@@ -58,7 +58,7 @@ LABEL_END = 3    # generate() returned
 MODES = ("auto", "event", "callback", "host")
 
 
-from .errors import CudaError  # noqa: E402  (re-exported: the C++ translator and users import it here)
+from llm_dvfs.errors import CudaError  # noqa: E402  (re-exported: the C++ translator and users import it here)
 
 
 def host_monotonic_ns() -> int:

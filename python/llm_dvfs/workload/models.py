@@ -22,13 +22,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .configs import textgen
-from .errors import ConfigError, DataNotFound
+from llm_dvfs.atomic import atomic_write_with
+from llm_dvfs.workload.configs import textgen
+from llm_dvfs.errors import ConfigError, DataNotFound
 
 ARCH_PREFIX = "arch:"
 # Bump when the corpus, the trainer settings or the special tokens change: it keys the cache.
@@ -48,7 +48,7 @@ _DTYPES = {
 # --------------------------------------------------------------------------------------------
 def _arch_dir():
     from importlib import resources
-    return resources.files("llm_dvfs.configs").joinpath("arch")
+    return resources.files("llm_dvfs.workload.configs").joinpath("arch")
 
 
 def list_arch() -> list[str]:
@@ -201,14 +201,8 @@ def _train_full_tokenizer(use_cache: bool):
     if use_cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-            os.close(fd)
-            try:
-                tok.save(tmp)
-                os.replace(tmp, path)  # atomic: concurrent builders never see half a file
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            # atomic: concurrent builders never see half a file
+            atomic_write_with(path, tok.save)
         except OSError:
             pass  # read-only cache: still usable, just rebuilt next time
     return tok

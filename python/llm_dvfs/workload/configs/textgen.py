@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from importlib import resources
 from itertools import accumulate
 
-_PACKAGE = "llm_dvfs.configs"
+_PACKAGE = "llm_dvfs.workload.configs"
 
 
 def read_text(*parts: str) -> str:

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from . import errors
+from llm_dvfs import errors
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ DEFAULT_FINALIZE_TIMEOUT_S = 0.5
 
 def now_ns() -> int:
     """Host monotonic time in ns, the timeline of every sample and mark."""
-    from . import _core
+    from llm_dvfs import _core
 
     return _core.monotonic_ns()
 
@@ -307,8 +307,8 @@ class PowerMonitor:
         with self._lock:
             if self.running:
                 return self
-            from . import _core
-            from .devices import devices as list_devices, last_error
+            from llm_dvfs import _core
+            from llm_dvfs.devices import devices as list_devices, last_error
 
             infos = list_devices()
             if self._requested is None:
@@ -443,7 +443,7 @@ class PowerMonitor:
                                float("nan"), {}, None, 0,
                                [], self)
         self._wait_covered(b, timeout_s)
-        from . import _core
+        from llm_dvfs import _core
 
         dropped = self._dropped() - w._dropped_start
         per_dev: dict[int, DeviceMeasurement] = {}

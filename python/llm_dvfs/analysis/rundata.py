@@ -1,0 +1,131 @@
+"""The data a report is built from and made of: a run directory's tables, and the report.
+
+:func:`load_run` reads a run directory written by ``python -m llm_dvfs.run`` (manifest.json,
+requests.parquet — requests.csv as a fallback —, tokens.parquet, power.parquet) and brings every
+table to the dtypes of :mod:`llm_dvfs.schema`; :class:`Report` holds what
+:func:`llm_dvfs.analysis.build.build_report` computed.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from llm_dvfs.errors import DataNotFound
+from llm_dvfs.schema import SCHEMAS
+
+#: The CSV tables a report writes (``<name>.csv``), in this order.
+CSV_TABLES = ("key_table", "summary", "optimal_clocks", "phase_points", "phase_fits", "correlations",
+              "regression")
+
+
+@dataclass
+class RunData:
+    """The tables of a run directory. ``tokens``/``power`` are None when absent; ``notes``
+    collects what was missing or repaired while loading."""
+    path: Path
+    manifest: dict[str, Any]
+    requests: pd.DataFrame
+    tokens: pd.DataFrame | None
+    power: pd.DataFrame | None
+    notes: list[str] = field(default_factory=list)
+
+
+def _typed(df: pd.DataFrame, kind: str, notes: list[str], source: str) -> pd.DataFrame:
+    """Bring a table read from disk to the schema's dtypes; add missing columns as NA."""
+    schema = SCHEMAS[kind]
+    missing = [c for c in schema if c not in df.columns]
+    if missing:
+        notes.append(f"{source} lacks column(s) {', '.join(missing)}; treated as missing values.")
+    for col, dtype in schema.items():
+        if col not in df.columns:
+            df[col] = {"string": pd.NA, "float64": np.nan, "int64": -1, "bool": False}[dtype]
+        try:
+            if dtype == "bool":
+                v = df[col]
+                if v.dtype == object or str(v.dtype) == "string":
+                    v = v.astype("string").str.lower().isin(["true", "1"])
+                df[col] = v.fillna(False).astype(bool)
+            elif dtype == "int64":
+                df[col] = pd.to_numeric(df[col], errors="coerce").fillna(-1).astype("int64")
+            elif dtype == "float64":
+                df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+            else:
+                df[col] = df[col].astype("string")
+        except (TypeError, ValueError):
+            notes.append(f"{source}: column {col} could not be read as {dtype}.")
+    for col in df.columns:
+        if col.startswith("feat_"):
+            df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+    return df
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read a run directory.
+
+    Raises:
+        DataNotFound: the directory does not exist, or has neither requests.parquet nor
+            requests.csv, or its requests table is empty.
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise DataNotFound(f"run directory {str(path)!r} does not exist")
+    notes: list[str] = []
+    manifest: dict[str, Any] = {}
+    mpath = path / "manifest.json"
+    if mpath.is_file():
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            notes.append(f"manifest.json could not be read ({e}).")
+    else:
+        notes.append("manifest.json is missing: the run's configuration and versions are unknown.")
+    if (path / "requests.parquet").is_file():
+        requests = pd.read_parquet(path / "requests.parquet")
+        src = "requests.parquet"
+    elif (path / "requests.csv").is_file():
+        requests = pd.read_csv(path / "requests.csv", keep_default_na=True)
+        src = "requests.csv"
+        notes.append("requests.parquet is missing; read requests.csv instead.")
+    else:
+        raise DataNotFound(f"{path} has no requests.parquet or requests.csv: is it a run directory "
+                           "written by `python -m llm_dvfs.run`?")
+    if requests.empty:
+        raise DataNotFound(f"{path / src} has no rows: the run measured nothing yet")
+    requests = _typed(requests, "requests", notes, src)
+
+    def optional(name: str, kind: str) -> pd.DataFrame | None:
+        p = path / f"{name}.parquet"
+        if not p.is_file():
+            notes.append(f"{name}.parquet is missing: no power trace can be drawn.")
+            return None
+        return _typed(pd.read_parquet(p), kind, notes, p.name)
+
+    return RunData(path, manifest, requests, optional("tokens", "tokens"), optional("power", "power"), notes)
+
+
+@dataclass
+class Report:
+    """Everything a report contains; :func:`llm_dvfs.analysis.build.build_report` also writes it
+    to ``out_dir``. ``key`` is the table of :func:`llm_dvfs.analysis.findings.key_table`; its
+    terminal text is :func:`llm_dvfs.analysis.render.format_key_table`."""
+    run: RunData
+    out_dir: Path
+    group_keys: list[str]
+    latency_limit: float
+    summary: pd.DataFrame
+    optimal: pd.DataFrame
+    phase_points: pd.DataFrame
+    phase_fits: pd.DataFrame
+    correlations: pd.DataFrame
+    regression: pd.DataFrame
+    key: pd.DataFrame
+    findings: list[str]
+    cannot_conclude: list[str]
+    figures: dict[str, tuple[Path, str]]     # name -> (png path, caption)
+    trace_request: str | None
+    files: list[Path]
