@@ -191,3 +191,51 @@ def test_without_driver_time_only_or_error(monkeypatch, tmp_path):
     assert w.energy_method == "none" and np.isnan(w.energy_j) and w.duration_s >= 0.05
     with pytest.raises(errors.LibraryNotFound):
         ld.PowerMonitor(devices=[0]).start()
+
+
+class _FakeCuda:
+    """Stands in for torch.cuda: records when each device was synchronised (host monotonic ns)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def is_available(self) -> bool:
+        return True
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def device_count(self) -> int:
+        return 1
+
+    def synchronize(self, idx: int) -> None:
+        from llm_dvfs.meter.monitor import now_ns
+        time.sleep(0.01)  # the queued work the edge must wait for
+        self.calls.append((idx, now_ns()))
+
+
+def test_window_synchronises_cuda_at_both_edges_by_default(monkeypatch, fake_gpu):
+    import sys
+    import types
+    cuda = _FakeCuda()
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    with ld.PowerMonitor() as mon:
+        with mon.window("default") as w:
+            assert len(cuda.calls) == 1 and cuda.calls[0][0] == 0
+            assert w.t_start_ns > cuda.calls[0][1]  # start edge after the queued work finished
+        assert len(cuda.calls) == 2 and w.t_end_ns > cuda.calls[1][1] and w.sync
+        with mon.window("caller syncs", sync=False) as w2:
+            pass
+        assert len(cuda.calls) == 2 and not w2.sync
+        t = mon.begin_window("explicit")
+        mon.end_window(t)
+        assert len(cuda.calls) == 4
+
+
+def test_window_sync_never_imports_torch(monkeypatch, fake_gpu):
+    import sys
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    with ld.PowerMonitor() as mon:
+        with mon.window("w"):
+            pass
+    assert "torch" not in sys.modules

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import time
 import warnings
@@ -169,9 +170,10 @@ class Window:
     (``energy_j``, ``energy_method``, ``duration_s``, ...) finalises the window's
     :class:`Measurement` (waiting briefly for the sampler to deliver samples past its end)."""
 
-    def __init__(self, monitor: "PowerMonitor", name: str, t_start_ns: int) -> None:
+    def __init__(self, monitor: "PowerMonitor", name: str, t_start_ns: int, sync: bool = False) -> None:
         self.monitor = monitor
         self.name = name
+        self.sync = sync  # synchronise the monitored CUDA devices at the end edge too
         self.t_start_ns = t_start_ns
         self.t_end_ns: Optional[int] = None
         self._dropped_start = monitor._dropped()
@@ -183,6 +185,8 @@ class Window:
 
     def end(self) -> "Window":
         if self.t_end_ns is None:
+            if self.sync:
+                self.monitor._sync_devices()
             self.t_end_ns = now_ns()
             self.monitor._on_window_end(self)
         return self
@@ -197,7 +201,7 @@ class Window:
 
     def __getattr__(self, item: str) -> Any:
         # Only reached for attributes Window itself lacks: delegate to the Measurement.
-        if item.startswith("_") or item in ("monitor", "name", "t_start_ns", "t_end_ns"):
+        if item.startswith("_") or item in ("monitor", "name", "sync", "t_start_ns", "t_end_ns"):
             raise AttributeError(item)
         return getattr(self.measurement(), item)
 
@@ -361,11 +365,21 @@ class PowerMonitor:
         return dict(self._sampler.stats()) if self._sampler is not None else {}
 
     # -- windows ---------------------------------------------------------------------------
-    def begin_window(self, name: str = "window") -> Window:
-        """Open a window now. Windows may nest and overlap freely."""
+    def begin_window(self, name: str = "window", *, sync: bool = True) -> Window:
+        """Open a window now. Windows may nest and overlap freely.
+
+        ``sync=True`` (default) waits for the work already queued on the monitored CUDA devices
+        before the start edge and again before the end edge, so that the window holds the GPU
+        work issued inside it rather than only its kernel launches (CUDA is asynchronous). It
+        costs one ``torch.cuda.synchronize`` per device and edge, and is a no-op where torch is
+        not imported or CUDA is not initialised. Pass ``sync=False`` when the caller
+        synchronises itself (or measures work on other streams/processes).
+        """
         if self._sampler is None and self.unavailable_reason is None:
             self.start()
-        w = Window(self, name, now_ns())
+        if sync:
+            self._sync_devices()
+        w = Window(self, name, now_ns(), sync=sync)
         if self._sampler is not None:
             self._sampler.request_counter()
         return w
@@ -375,13 +389,27 @@ class PowerMonitor:
         return window.end()
 
     @contextlib.contextmanager
-    def window(self, name: str = "window") -> Iterator[Window]:
-        """``with mon.window("generate") as w: ...`` then ``w.energy_j``."""
-        w = self.begin_window(name)
+    def window(self, name: str = "window", *, sync: bool = True) -> Iterator[Window]:
+        """``with mon.window("generate") as w: ...`` then ``w.energy_j``. ``sync`` as in
+        :meth:`begin_window` (on by default)."""
+        w = self.begin_window(name, sync=sync)
         try:
             yield w
         finally:
             w.end()
+
+    def _sync_devices(self) -> None:
+        """``torch.cuda.synchronize`` on every monitored device (all visible ones when the monitor
+        measures nothing). Never imports torch: a process that has not imported it has queued no
+        CUDA work through it."""
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return
+        cuda = getattr(torch, "cuda", None)
+        if cuda is None or not cuda.is_available() or not cuda.is_initialized():
+            return
+        for idx in (self.device_indices or range(cuda.device_count())):
+            cuda.synchronize(idx)
 
     def _on_window_end(self, w: Window) -> None:
         if self._sampler is not None:
