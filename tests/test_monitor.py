@@ -239,3 +239,40 @@ def test_window_sync_never_imports_torch(monkeypatch, fake_gpu):
         with mon.window("w"):
             pass
     assert "torch" not in sys.modules
+
+
+@pytest.mark.parametrize("lag_ms", [0.0, 60.0])
+def test_window_is_shifted_by_the_sensor_lag(fake_gpu, lag_ms):
+    # A 300 ms burst of 700 W over 100 W idle, and a window around exactly the burst. The emulator
+    # reports power lag_ms late; a monitor told that lag integrates the burst, one told no lag
+    # misses its first lag_ms and counts lag_ms of idle instead.
+    fake_gpu.set_lag_ms(lag_ms)
+    off = _offset_s()
+    results = {}
+    for told_s in (lag_ms / 1000.0, 0.0):
+        with ld.PowerMonitor(devices=[0], lag_s=told_s) as mon:
+            time.sleep(0.3)
+            start = fake_gpu.set_trace([0.0, 0.2, 0.5], [100.0, 700.0, 100.0])
+            a_mono = start - off
+            time.sleep(0.2 + 0.3 + 0.3)
+            t0 = mon.begin_window("burst", sync=False)
+            # re-time the window onto the burst's true edges (host monotonic ns)
+            t0.t_start_ns = int((a_mono + 0.2) * 1e9)
+            t0.t_end_ns = int((a_mono + 0.5) * 1e9)
+            m = t0.measurement()
+        results[told_s] = (m.energy_j, m.devices[0].lag_s)
+    exact = 700.0 * 0.3
+    e_told, lag_used = results[lag_ms / 1000.0]
+    assert lag_used == pytest.approx(lag_ms / 1000.0)
+    assert e_told == pytest.approx(exact, rel=0.03)
+    if lag_ms:
+        e_blind, _ = results[0.0]
+        # 60 ms of the burst replaced by 60 ms of idle: 0.06 * (700 - 100) = 36 J short
+        assert e_blind == pytest.approx(exact - 0.06 * 600.0, rel=0.04)
+
+
+def test_lag_s_is_validated():
+    with pytest.raises(ld.ConfigError):
+        ld.PowerMonitor(lag_s=-0.1)
+    with pytest.raises(ld.ConfigError):
+        ld.PowerMonitor(lag_s={"buffer": float("nan")})

@@ -26,12 +26,14 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
 from llm_dvfs import errors
+from llm_dvfs.errors import ConfigError
+from llm_dvfs.meter.attribution import DEFAULT_LAG_S
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,7 @@ class DeviceMeasurement:
     max_sample_gap_s: float = 0.0      # longest interval between chosen-source samples
     lost_samples_s: float = 0.0        # buffer samples the driver dropped (sampler fell behind)
     edge_extrapolated_s: float = 0.0
+    lag_s: float = 0.0                 # sensor lag the chosen source's trace was shifted by
     sm_mhz: float = float("nan")       # median SM clock in force during the window
     mem_mhz: float = float("nan")
     clock_event_reasons: int = 0       # OR of the NVML clock-event reason bits seen
@@ -263,6 +266,9 @@ class PowerMonitor:
             an update while costing ~20 NVML calls/s per field.
         counter_period_s: period of the energy-counter lane (also read at every window edge).
         capacity: records the ring holds between drains by Python (overflow is counted).
+        lag_s: sensor lag, s, the power trace is shifted by before a window is integrated: None =
+            the per-source defaults (``DEFAULT_LAG_S``), a number for every source, or a mapping
+            per source; 0 disables the shift. Outside 0-2 s: ConfigError.
 
     Raises (from ``start``): LibraryNotFound, NvmlError, ConfigError for invalid devices.
     """
@@ -276,6 +282,7 @@ class PowerMonitor:
         counter_period_s: float = 1.0,
         capacity: int = 1 << 19,
         poll_clocks: bool = True,
+        lag_s: Optional[float | Mapping[str, float]] = None,
     ) -> None:
         self._requested = None if devices is None else list(devices)
         self._cfg = dict(
@@ -285,6 +292,14 @@ class PowerMonitor:
             capacity=capacity,
             poll_clocks=poll_clocks,
         )
+        # Sensor lag per power source, s: a sample at host time t shows the work done at t - lag,
+        # so a window [a, b] integrates the samples of [a + lag, b + lag].
+        if lag_s is None:
+            lag_s = DEFAULT_LAG_S
+        self._lag_s = ({src: float(lag_s) for src in _POWER_SOURCES} if isinstance(lag_s, (int, float))
+                       else {src: float(lag_s.get(src, DEFAULT_LAG_S.get(src, 0.0))) for src in _POWER_SOURCES})
+        if any(not np.isfinite(v) or v < 0 or v > 2.0 for v in self._lag_s.values()):
+            raise ConfigError(f"lag_s must be between 0 and 2 s per source, got {self._lag_s}")
         self._sampler = None
         self._store: Optional[_Store] = None
         self._lock = threading.RLock()
@@ -470,7 +485,7 @@ class PowerMonitor:
             return Measurement(w.name, a, b, float("nan"), "none", None, float("nan"),
                                float("nan"), {}, None, 0,
                                [], self)
-        self._wait_covered(b, timeout_s)
+        self._wait_covered(b + self._lag_s["buffer"], timeout_s)  # the buffer is the lane it waits on
         from llm_dvfs import _core
 
         dropped = self._dropped() - w._dropped_start
@@ -503,7 +518,8 @@ class PowerMonitor:
         for src in _POWER_SOURCES:
             t, p, _ = st.get(src, k)
             if len(t):
-                e, x = _hold_integral(t, p, a, b)
+                lag = self._lag_s[src]
+                e, x = _hold_integral(t, p, a + lag, b + lag)
                 by_source[src] = e
                 extrap[src] = x
         counter_j = self._counter_delta(k, a, b)
@@ -512,9 +528,11 @@ class PowerMonitor:
         method = next((m for m in _METHOD_ORDER if m in by_source and np.isfinite(by_source[m])), "none")
         energy = by_source.get(method, float("nan"))
         # sample statistics of the chosen power source
-        n, gap, peak = 0, 0.0, float("nan")
+        n, gap, peak, lag = 0, 0.0, float("nan"), 0.0
         if method in _POWER_SOURCES:
             t, p, _ = st.get(method, k)
+            lag = self._lag_s[method]
+            t = t - lag  # on the work's timeline
             inside = (t >= a) & (t <= b)
             n = int(inside.sum())
             held = _held_values(t, p, a, b)
@@ -545,7 +563,7 @@ class PowerMonitor:
             device=cuda_idx, energy_j=energy, energy_method=method, energy_j_counter=counter_j,
             avg_power_w=energy / dur if dur > 0 and np.isfinite(energy) else float("nan"),
             peak_power_w=peak, energy_j_by_source=by_source, n_samples=n, max_sample_gap_s=gap,
-            lost_samples_s=lost, edge_extrapolated_s=extrap.get(method, 0.0),
+            lost_samples_s=lost, edge_extrapolated_s=extrap.get(method, 0.0), lag_s=lag,
             sm_mhz=float(np.median(sm)) if len(sm) else float("nan"),
             mem_mhz=float(np.median(mem)) if len(mem) else float("nan"),
             clock_event_reasons=reasons,
