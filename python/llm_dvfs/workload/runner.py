@@ -207,7 +207,9 @@ class _Instrument:
         finalising a window waits until the sampler has delivered samples past its end (tens of
         ms), so the runner does it once per cell instead of once per batch."""
         self._sync()  # earlier queued work must not leak into the window
-        w = self.monitor.begin_window("batch") if self.monitor is not None else None
+        # sync=False: this runner synchronises its own device above and below; the monitor's
+        # default would synchronise every monitored device a second time at each edge
+        w = self.monitor.begin_window("batch", sync=False) if self.monitor is not None else None
         t0 = self._now_s() if w is None else w.t_start_ns * 1e-9
         if self.timer is not None:
             out = self.timer.generate(model, **inputs, **kwargs)  # marks start, each step, end
