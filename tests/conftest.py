@@ -155,6 +155,13 @@ def no_nvml_driver(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _private_sensor_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every test gets an empty sensor-model cache: a real GPU's cached lag (~/.cache) must not
+    leak into emulator tests, and tests must not write the user's cache."""
+    monkeypatch.setenv("LLM_DVFS_CACHE_DIR", str(tmp_path_factory.mktemp("llm_dvfs_cache")))
+
+
+@pytest.fixture(autouse=True)
 def _changes_clocks_guard(request: pytest.FixtureRequest) -> None:
     """Tests marked changes_clocks always run on the emulator, or not at all."""
     if request.node.get_closest_marker("changes_clocks") is None:

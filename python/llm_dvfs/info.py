@@ -68,6 +68,43 @@ def render(devs: list) -> str:
     return "\n".join(lines).rstrip()
 
 
+def render_sensors(models: list) -> str:
+    def ms(v: Optional[float]) -> str:
+        return "n/a" if v is None else f"{v * 1000:.1f} ms"
+
+    lines = []
+    for idx, m in models:
+        lines += [
+            f"GPU {idx}: {m.name}  ({m.uuid})",
+            f"  buffer sample spacing   {ms(m.buffer_spacing_s)} (median)",
+            f"  buffer value changes    every {ms(m.buffer_change_s)}",
+            f"  instant field updates   every {ms(m.field_update_s)}",
+            f"  energy counter updates  every {ms(m.counter_update_s)}; one read takes {ms(m.counter_read_s)}",
+            f"  buffer lag              {ms(m.lag_s)} ({m.lag_method}"
+            + (f", {m.n_bursts} bursts)" if m.lag_method == "measured" else ": run with torch+CUDA to measure)"),
+            "",
+        ]
+    return "\n".join(lines).rstrip()
+
+
+def _sensors(args: argparse.Namespace, devs: list) -> int:
+    from llm_dvfs.meter import sensor_probe, sensors
+
+    models = []
+    for d in devs:
+        print(f"measuring GPU {d.index} for ~{args.seconds + 2.5:.0f} s (read-only) ...", file=sys.stderr)
+        m = sensor_probe.measure(d.index, seconds=args.seconds, bursts=None if args.bursts else False)
+        models.append((d.index, m))
+        if args.save:
+            path = sensors.save(m)
+            print(f"saved to {path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({str(i): m.to_dict() for i, m in models}, indent=2))
+    else:
+        print(render_sensors(models))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m llm_dvfs.info",
@@ -75,6 +112,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "sources llm_dvfs can use. Read-only. Example: python -m llm_dvfs.info --json",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output (a JSON object)")
+    p.add_argument("--sensors", action="store_true",
+                   help="measure each GPU's sensor model (buffer spacing, how often each power source "
+                        "really changes, counter update period, buffer lag; a few seconds per GPU, "
+                        "read-only) and cache it per GPU UUID for later PowerMonitors")
+    p.add_argument("--seconds", type=float, default=2.0, help="dense-sampling time per GPU for --sensors (s)")
+    p.add_argument("--bursts", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --sensors: run short matmul bursts (needs torch with CUDA) to measure "
+                        "the buffer lag (default: on when available)")
+    p.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --sensors: cache the models (default: on; see llm_dvfs.meter.sensors.cache_path)")
     args = p.parse_args(argv)
     from llm_dvfs.devices import devices, last_error, library_path
 
@@ -83,6 +130,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except errors.LlmDvfsError as e:
         print(f"llm_dvfs: cannot query GPUs: {e}", file=sys.stderr)
         return 1
+    if args.sensors:
+        if not devs:
+            print(f"No NVIDIA GPU available: {last_error()}")
+            return 0
+        return _sensors(args, devs)
     if args.json:
         print(json.dumps({
             "devices": [d.to_dict() for d in devs],

@@ -16,6 +16,17 @@ Source order for ``energy_j`` (named in ``energy_method``): ``buffer`` (driver s
 vs the counter on H100) → ``instant`` (field 186, −1…−2 %) → ``counter`` (energy counter,
 interpolated at the edges; ~100 ms granularity) → ``average`` (1 s moving average, ≈ −4 %) →
 ``none``.
+
+Scale: the chosen power source's energy is multiplied by a gain fitted to the energy counter
+over the last ``calibration_horizon_s`` (meter/calibration.py), once at least 10 s of counter
+reads exist; ``energy_j_by_source`` keeps the raw (uncalibrated) energy of every source, and
+``DeviceMeasurement.gain`` / ``gain_se`` / ``calibration`` say what was applied.
+
+Quality: a window whose buffer lost samples, had a gap longer than ``MAX_SAMPLE_GAP_S`` or was
+extrapolated at an edge for longer than ``MAX_EDGE_EXTRAPOLATION_S`` is flagged, falls back to
+the counter where one brackets it, and has ``ok`` False. A window shorter than its source's
+resolution (``resolution_s``: the update period in the GPU's sensor model) is flagged
+``below_resolution`` (a warning, ``ok`` unaffected).
 """
 from __future__ import annotations
 
@@ -25,7 +36,6 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
@@ -33,24 +43,19 @@ import pandas as pd
 
 from llm_dvfs import errors
 from llm_dvfs.errors import ConfigError
+from llm_dvfs.meter import calibration, sensors
 from llm_dvfs.meter.attribution import DEFAULT_LAG_S
+from llm_dvfs.meter.measurement import (BAD_FLAGS, DEFAULT_FINALIZE_TIMEOUT_S, MAX_EDGE_EXTRAPOLATION_S,
+                                        MAX_SAMPLE_GAP_S, DeviceMeasurement, Measurement, Window, now_ns)
+from llm_dvfs.meter.store import SampleStore
 
 log = logging.getLogger(__name__)
 
+__all__ = ["PowerMonitor", "Window", "Measurement", "DeviceMeasurement", "BAD_FLAGS",
+           "DEFAULT_FINALIZE_TIMEOUT_S", "MAX_SAMPLE_GAP_S", "MAX_EDGE_EXTRAPOLATION_S", "now_ns"]
+
 _POWER_SOURCES = ("buffer", "instant", "average")
 _METHOD_ORDER = ("buffer", "instant", "counter", "average")
-# How long a window end waits for the sampler to deliver samples past the end (the driver
-# publishes a buffer sample ~20 ms after its timestamp; the counter read is ~3 ms).
-DEFAULT_FINALIZE_TIMEOUT_S = 0.5
-
-
-def now_ns() -> int:
-    """Host monotonic time in ns, the timeline of every sample and mark."""
-    from llm_dvfs import _core
-
-    return _core.monotonic_ns()
-
-
 def _hold_integral(t: np.ndarray, p: np.ndarray, a: float, b: float) -> tuple[float, float]:
     """∫ of the forward-held step function (t, p) over [a, b].
 
@@ -83,175 +88,6 @@ def _held_values(t: np.ndarray, v: np.ndarray, a: float, b: float) -> np.ndarray
     return v[i0:max(i1, i0 + 1)]
 
 
-@dataclass
-class DeviceMeasurement:
-    """One device's share of a window. Energies in J, powers in W, clocks in MHz."""
-
-    device: int
-    energy_j: float
-    energy_method: str
-    energy_j_counter: Optional[float]
-    avg_power_w: float
-    peak_power_w: float
-    energy_j_by_source: dict[str, float] = field(default_factory=dict)
-    n_samples: int = 0                 # samples of the chosen source inside the window
-    max_sample_gap_s: float = 0.0      # longest interval between chosen-source samples
-    lost_samples_s: float = 0.0        # buffer samples the driver dropped (sampler fell behind)
-    edge_extrapolated_s: float = 0.0
-    lag_s: float = 0.0                 # sensor lag the chosen source's trace was shifted by
-    sm_mhz: float = float("nan")       # median SM clock in force during the window
-    mem_mhz: float = float("nan")
-    clock_event_reasons: int = 0       # OR of the NVML clock-event reason bits seen
-    temperature_c: float = float("nan")
-    errors: list[errors.NvmlError] = field(default_factory=list)
-
-
-@dataclass
-class Measurement:
-    """Energy and power of one window, summed over its devices.
-
-    ``energy_j`` is the best estimate (source in ``energy_method``); ``energy_j_counter`` the
-    hardware counter's delta (None where a device has no counter). ``errors`` holds NVML
-    failures that happened during the window (never raised): check ``ok``.
-    """
-
-    name: str
-    t_start_s: float
-    t_end_s: float
-    energy_j: float
-    energy_method: str
-    energy_j_counter: Optional[float]
-    avg_power_w: float
-    peak_power_w: float
-    devices: dict[int, DeviceMeasurement]
-    idle_power_w: Optional[float] = None
-    dropped_records: int = 0           # ring overflow during the window (sampler never blocks)
-    errors: list[errors.NvmlError] = field(default_factory=list)
-    _monitor: Any = field(default=None, repr=False, compare=False)
-
-    @property
-    def duration_s(self) -> float:
-        return self.t_end_s - self.t_start_s
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors and self.dropped_records == 0 and np.isfinite(self.energy_j)
-
-    @property
-    def active_energy_j(self) -> Optional[float]:
-        """Energy above the idle baseline (None until ``PowerMonitor.measure_idle`` ran)."""
-        if self.idle_power_w is None:
-            return None
-        return self.energy_j - self.idle_power_w * self.duration_s
-
-    @property
-    def sm_mhz(self) -> float:
-        vals = [d.sm_mhz for d in self.devices.values() if np.isfinite(d.sm_mhz)]
-        return float(np.median(vals)) if vals else float("nan")
-
-    @property
-    def mem_mhz(self) -> float:
-        vals = [d.mem_mhz for d in self.devices.values() if np.isfinite(d.mem_mhz)]
-        return float(np.median(vals)) if vals else float("nan")
-
-    @property
-    def clock_event_reasons(self) -> int:
-        r = 0
-        for d in self.devices.values():
-            r |= d.clock_event_reasons
-        return r
-
-    def trace(self, margin_s: float = 0.0) -> pd.DataFrame:
-        """Power samples of this window: columns t_s, device, power_w, source."""
-        if self._monitor is None:
-            return pd.DataFrame(columns=["t_s", "device", "power_w", "source"])
-        return self._monitor.trace(self.t_start_s - margin_s, self.t_end_s + margin_s)
-
-
-class Window:
-    """A named interval on the monitor's timeline. Attribute access to the measured values
-    (``energy_j``, ``energy_method``, ``duration_s``, ...) finalises the window's
-    :class:`Measurement` (waiting briefly for the sampler to deliver samples past its end)."""
-
-    def __init__(self, monitor: "PowerMonitor", name: str, t_start_ns: int, sync: bool = False) -> None:
-        self.monitor = monitor
-        self.name = name
-        self.sync = sync  # synchronise the monitored CUDA devices at the end edge too
-        self.t_start_ns = t_start_ns
-        self.t_end_ns: Optional[int] = None
-        self._dropped_start = monitor._dropped()
-        self._measurement: Optional[Measurement] = None
-
-    @property
-    def closed(self) -> bool:
-        return self.t_end_ns is not None
-
-    def end(self) -> "Window":
-        if self.t_end_ns is None:
-            if self.sync:
-                self.monitor._sync_devices()
-            self.t_end_ns = now_ns()
-            self.monitor._on_window_end(self)
-        return self
-
-    def measurement(self, timeout_s: float = DEFAULT_FINALIZE_TIMEOUT_S) -> Measurement:
-        """The window's Measurement (computed once, after the window has ended)."""
-        if self.t_end_ns is None:
-            raise RuntimeError(f"window {self.name!r} is still open")
-        if self._measurement is None:
-            self._measurement = self.monitor._measure(self, timeout_s)
-        return self._measurement
-
-    def __getattr__(self, item: str) -> Any:
-        # Only reached for attributes Window itself lacks: delegate to the Measurement.
-        if item.startswith("_") or item in ("monitor", "name", "sync", "t_start_ns", "t_end_ns"):
-            raise AttributeError(item)
-        return getattr(self.measurement(), item)
-
-    def __repr__(self) -> str:
-        state = "open" if self.t_end_ns is None else f"{(self.t_end_ns - self.t_start_ns) / 1e9:.3f} s"
-        return f"<Window {self.name!r} {state}>"
-
-
-class _Store:
-    """Records drained from the sampler, by kind and device, as growing numpy arrays."""
-
-    def __init__(self, n_devices: int, kinds: dict[str, int]) -> None:
-        self.kinds = kinds
-        self.kind_names = {v: k for k, v in kinds.items()}
-        self._chunks: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
-        self.n_devices = n_devices
-
-    def add(self, rec: dict[str, np.ndarray]) -> None:
-        if len(rec["t_ns"]) == 0:
-            return
-        for kind_id in np.unique(rec["kind"]):
-            name = self.kind_names.get(int(kind_id), f"kind{int(kind_id)}")
-            m_kind = rec["kind"] == kind_id
-            for dev in np.unique(rec["device"][m_kind]):
-                m = m_kind & (rec["device"] == dev)
-                self._chunks.setdefault((name, int(dev)), []).append(
-                    (rec["t_ns"][m].astype(np.float64) * 1e-9, rec["value"][m], rec["extra"][m].copy())
-                )
-                if name == "error":
-                    self._chunks.setdefault(("error_aux", int(dev)), []).append(
-                        (rec["t_ns"][m].astype(np.float64) * 1e-9, rec["aux"][m].astype(np.float64), rec["extra"][m].copy())
-                    )
-
-    def get(self, kind: str, dev: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        chunks = self._chunks.get((kind, dev))
-        if not chunks:
-            e = np.empty(0)
-            return e, e, np.empty(0, dtype=np.uint64)
-        if len(chunks) > 1:
-            t = np.concatenate([c[0] for c in chunks])
-            v = np.concatenate([c[1] for c in chunks])
-            x = np.concatenate([c[2] for c in chunks])
-            order = np.argsort(t, kind="stable")  # drains are in order; sort is a cheap guard
-            chunks[:] = [(t[order], v[order], x[order])]
-        return chunks[0]
-
-
 class PowerMonitor:
     """Samples GPU power in a native thread and measures energy over named windows.
 
@@ -267,8 +103,13 @@ class PowerMonitor:
         counter_period_s: period of the energy-counter lane (also read at every window edge).
         capacity: records the ring holds between drains by Python (overflow is counted).
         lag_s: sensor lag, s, the power trace is shifted by before a window is integrated: None =
-            the per-source defaults (``DEFAULT_LAG_S``), a number for every source, or a mapping
-            per source; 0 disables the shift. Outside 0-2 s: ConfigError.
+            the lag measured for that GPU (``python -m llm_dvfs.info --sensors`` caches it per
+            UUID), else the per-source defaults (``DEFAULT_LAG_S``); a number for every source,
+            or a mapping per source; 0 disables the shift. Outside 0-2 s: ConfigError.
+        calibration_horizon_s: seconds of counter reads before a window's end that the
+            counter-anchored gain is fitted over; 0 disables the calibration.
+        history_s: keep only this many seconds of samples (None: all). Windows that begin
+            before the retained history are flagged ``before_history``.
 
     Raises (from ``start``): LibraryNotFound, NvmlError, ConfigError for invalid devices.
     """
@@ -283,6 +124,8 @@ class PowerMonitor:
         capacity: int = 1 << 19,
         poll_clocks: bool = True,
         lag_s: Optional[float | Mapping[str, float]] = None,
+        calibration_horizon_s: float = calibration.DEFAULT_HORIZON_S,
+        history_s: Optional[float] = None,
     ) -> None:
         self._requested = None if devices is None else list(devices)
         self._cfg = dict(
@@ -294,14 +137,26 @@ class PowerMonitor:
         )
         # Sensor lag per power source, s: a sample at host time t shows the work done at t - lag,
         # so a window [a, b] integrates the samples of [a + lag, b + lag].
+        self._lag_given = lag_s is not None
         if lag_s is None:
             lag_s = DEFAULT_LAG_S
         self._lag_s = ({src: float(lag_s) for src in _POWER_SOURCES} if isinstance(lag_s, (int, float))
                        else {src: float(lag_s.get(src, DEFAULT_LAG_S.get(src, 0.0))) for src in _POWER_SOURCES})
         if any(not np.isfinite(v) or v < 0 or v > 2.0 for v in self._lag_s.values()):
             raise ConfigError(f"lag_s must be between 0 and 2 s per source, got {self._lag_s}")
+        if not (np.isfinite(calibration_horizon_s) and calibration_horizon_s >= 0):
+            raise ConfigError(f"calibration_horizon_s must be >= 0, got {calibration_horizon_s}")
+        if history_s is not None and not history_s > 0:
+            raise ConfigError(f"history_s must be > 0 or None, got {history_s}")
+        self._horizon_s = float(calibration_horizon_s)
+        self._history_s = history_s
         self._sampler = None
-        self._store: Optional[_Store] = None
+        self._store: Optional[SampleStore] = None
+        # per device position: lag per source and how it was chosen; the GPU's sensor model
+        self._dev_lag: list[dict[str, float]] = []
+        self._dev_lag_method: list[str] = []
+        self.sensor_models: list[sensors.SensorModel] = []
+        self._warned_resolution = False
         self._lock = threading.RLock()
         self.device_indices: list[int] = []
         self.nvml_indices: list[int] = []
@@ -347,16 +202,48 @@ class PowerMonitor:
                     raise errors.ConfigError(
                         f"GPU(s) {missing} not visible; visible: {sorted(by_idx)}")
                 chosen = [by_idx[i] for i in self._requested]
+            uuids = [d.uuid for d in chosen]
+            if self._store is None or uuids != [d.uuid for d in self.device_info]:
+                # a restart keeps the samples (windows measured before stay right); the new
+                # sampler's re-read of the driver buffer is dropped by the store as duplicates
+                self._store = SampleStore(dict(_core.RECORD_KINDS), self._history_s)
             self.device_info = chosen
             self.device_indices = [d.index for d in chosen]
             self.nvml_indices = [d.nvml_index for d in chosen]
             if not chosen:
                 return self
-            self._store = _Store(len(chosen), dict(_core.RECORD_KINDS))
+            self._load_sensor_models()
             sampler = _core.PowerSampler(self.nvml_indices, **self._cfg)
             sampler.start()
             self._sampler = sampler
             return self
+
+    def _load_sensor_models(self) -> None:
+        """Each GPU's cached sensor model (else one of defaults) and the lag it implies."""
+        self.sensor_models, self._dev_lag, self._dev_lag_method = [], [], []
+        for info in self.device_info:
+            model = sensors.load(info.uuid) or sensors.SensorModel(uuid=info.uuid, name=info.name)
+            lag = dict(self._lag_s)
+            method = "given" if self._lag_given else "default"
+            if not self._lag_given and model.lag_method == "measured" and model.lag_s is not None:
+                lag["buffer"], method = float(model.lag_s), "measured"
+            self.sensor_models.append(model)
+            self._dev_lag.append(lag)
+            self._dev_lag_method.append(method)
+
+    def sensor_model(self, device: int) -> sensors.SensorModel:
+        """The sensor model of CUDA device ``device`` as observed so far by this monitor (buffer
+        spacing and change interval, field update period), with the cached lag."""
+        k = self.device_indices.index(device)
+        self._pull()
+        lanes = {kind: self._store.get(kind, k) for kind in ("buffer", "instant", "counter")}
+        m = sensors.model_from_lanes(self.device_info[k].uuid, self.device_info[k].name, lanes)
+        cached = self.sensor_models[k]
+        m.lag_s = self._dev_lag[k]["buffer"]
+        m.lag_method = self._dev_lag_method[k]
+        m.counter_update_s = m.counter_update_s if m.counter_update_s and m.counter_update_s < 0.5 \
+            else cached.counter_update_s  # 1 s slow-lane reads cannot resolve a 100 ms update
+        return m
 
     def stop(self) -> None:
         """Stop sampling (idempotent). Measurements stay available."""
@@ -459,7 +346,8 @@ class PowerMonitor:
         return float(t[-1]) if len(t) else float("-inf")
 
     def _wait_covered(self, t_end_s: float, timeout_s: float) -> None:
-        """Flush until every device's buffer lane and counter have a record past t_end_s."""
+        """Flush until every device's buffer lane has a record past ``t_end_s`` plus its lag
+        and its counter one past ``t_end_s``."""
         if self._sampler is None:
             return
         deadline = time.monotonic() + timeout_s
@@ -470,7 +358,8 @@ class PowerMonitor:
             self._pull()
             done = True
             for k, info in enumerate(self.device_info):
-                if info.has_power_samples and self._latest("buffer", k) < t_end_s:
+                lag = self._dev_lag[k]["buffer"] if self._dev_lag else self._lag_s["buffer"]
+                if info.has_power_samples and self._latest("buffer", k) < t_end_s + lag:
                     done = False
                 if info.has_energy_counter and self._latest("counter", k) < t_end_s:
                     done = False
@@ -484,15 +373,15 @@ class PowerMonitor:
         if self._sampler is None:
             return Measurement(w.name, a, b, float("nan"), "none", None, float("nan"),
                                float("nan"), {}, None, 0,
-                               [], self)
-        self._wait_covered(b + self._lag_s["buffer"], timeout_s)  # the buffer is the lane it waits on
+                               [], [], float("nan"), self)
+        self._wait_covered(b, timeout_s)
         from llm_dvfs import _core
 
-        dropped = self._dropped() - w._dropped_start
+        dropped = max(self._dropped() - w._dropped_start, 0)
         per_dev: dict[int, DeviceMeasurement] = {}
         with self._lock:
             for k, cuda_idx in enumerate(self.device_indices):
-                per_dev[cuda_idx] = self._measure_device(k, cuda_idx, a, b, _core)
+                per_dev[cuda_idx] = self._measure_device(k, cuda_idx, a, b, _core, dropped)
         energies = [d.energy_j for d in per_dev.values()]
         energy = float(np.sum(energies)) if all(np.isfinite(energies)) else float("nan")
         methods = sorted({d.energy_method for d in per_dev.values()})
@@ -502,45 +391,113 @@ class PowerMonitor:
         peaks = [d.peak_power_w for d in per_dev.values() if np.isfinite(d.peak_power_w)]
         dur = b - a
         errs = [e for d in per_dev.values() for e in d.errors]
+        flags = sorted({f for d in per_dev.values() for f in d.flags})
+        res = [d.resolution_s for d in per_dev.values() if np.isfinite(d.resolution_s)]
+        if "below_resolution" in flags and not self._warned_resolution:
+            self._warned_resolution = True
+            log.warning("window %r (%.3f s) is shorter than the power source's resolution (%.3f s): "
+                        "its energy is flagged 'below_resolution'", w.name, dur, max(res))
         return Measurement(
             name=w.name, t_start_s=a, t_end_s=b, energy_j=energy, energy_method=method,
             energy_j_counter=counter,
             avg_power_w=energy / dur if dur > 0 and np.isfinite(energy) else float("nan"),
             peak_power_w=float(np.sum(peaks)) if peaks else float("nan"),
-            devices=per_dev, idle_power_w=self.idle_power_w, dropped_records=max(dropped, 0),
-            errors=errs, _monitor=self,
+            devices=per_dev, idle_power_w=self.idle_power_w, dropped_records=dropped,
+            errors=errs, flags=flags, resolution_s=max(res) if res else float("nan"), _monitor=self,
         )
 
-    def _measure_device(self, k: int, cuda_idx: int, a: float, b: float, core: Any) -> DeviceMeasurement:
+    def _source_quality(self, k: int, src: str, a: float, b: float, lag: float) -> dict[str, Any]:
+        """Sample statistics of one power source over [a, b] on the work's timeline."""
+        t, p, _ = self._store.get(src, k)
+        lo = max(int(np.searchsorted(t, a + lag, side="right")) - 1, 0)
+        hi = int(np.searchsorted(t, b + lag, side="right"))
+        ts = t[lo:max(hi, lo + 1)] - lag
+        ps = p[lo:max(hi, lo + 1)]
+        inside = (ts >= a) & (ts <= b)
+        edges = np.concatenate([[a], ts[inside], [b]])
+        return dict(n=int(inside.sum()), peak=float(ps.max()) if len(ps) else float("nan"),
+                    gap=float(np.max(np.diff(edges))) if len(edges) > 1 else 0.0)
+
+    def _gain(self, k: int, src: str, b: float, lag: float) -> calibration.Gain:
+        """Counter-anchored gain of ``src`` over the horizon ending at ``b``."""
+        if self._horizon_s <= 0:
+            return calibration.Gain(reason="disabled")
+        lo_t = b - self._horizon_s
+        t, p, _ = self._store.get(src, k)
+        ct, _, mj = self._store.get("counter", k)
+        if len(t) < 2 or len(ct) < 2:
+            return calibration.Gain(reason="no counter" if len(ct) < 2 else "no trace")
+        i0 = max(int(np.searchsorted(t, lo_t + lag - 1.0)) - 1, 0)
+        i1 = int(np.searchsorted(t, b + lag + 1.0, side="right"))
+        c0 = int(np.searchsorted(ct, lo_t))
+        c1 = int(np.searchsorted(ct, b + 0.5, side="right"))
+        gt, gv, _ = self._store.get("gap", k)
+        g_sel = gt >= lo_t
+        gaps = tuple((float(x) - float(v) - lag, float(x) - lag) for x, v in zip(gt[g_sel], gv[g_sel]))
+        period = self.sensor_models[k].counter_update_s or sensors.DEFAULT_RESOLUTION_S["counter"]
+        return calibration.counter_gain(t[i0:i1] - lag, p[i0:i1], ct[c0:c1], mj[c0:c1].astype(np.float64) * 1e-3,
+                                        lo_t, b + 0.5, counter_period_s=period, gaps=gaps)
+
+    def _measure_device(self, k: int, cuda_idx: int, a: float, b: float, core: Any,
+                        dropped: int) -> DeviceMeasurement:
         st = self._store
+        lags = self._dev_lag[k]
         by_source: dict[str, float] = {}
         extrap: dict[str, float] = {}
         for src in _POWER_SOURCES:
             t, p, _ = st.get(src, k)
             if len(t):
-                lag = self._lag_s[src]
-                e, x = _hold_integral(t, p, a + lag, b + lag)
+                lo = max(int(np.searchsorted(t, a + lags[src], side="right")) - 1, 0)
+                hi = int(np.searchsorted(t, b + lags[src], side="right")) + 1
+                e, x = _hold_integral(t[lo:hi], p[lo:hi], a + lags[src], b + lags[src])
+                if lo > 0:
+                    x = 0.0  # a sample precedes the slice: nothing was extrapolated
                 by_source[src] = e
                 extrap[src] = x
         counter_j = self._counter_delta(k, a, b)
         if counter_j is not None:
             by_source["counter"] = counter_j
         method = next((m for m in _METHOD_ORDER if m in by_source and np.isfinite(by_source[m])), "none")
-        energy = by_source.get(method, float("nan"))
-        # sample statistics of the chosen power source
+        model = self.sensor_models[k]
+
+        # quality of the chosen source
+        flags: list[str] = []
         n, gap, peak, lag = 0, 0.0, float("nan"), 0.0
-        if method in _POWER_SOURCES:
-            t, p, _ = st.get(method, k)
-            lag = self._lag_s[method]
-            t = t - lag  # on the work's timeline
-            inside = (t >= a) & (t <= b)
-            n = int(inside.sum())
-            held = _held_values(t, p, a, b)
-            peak = float(held.max()) if len(held) else float("nan")
-            edges = np.concatenate([[a], t[inside], [b]])
-            gap = float(np.max(np.diff(edges))) if len(edges) > 1 else 0.0
         gt, gv, _ = st.get("gap", k)
-        lost = float(gv[(gt >= a) & (gt <= b)].sum()) if len(gt) else 0.0
+        g_lo, g_hi = np.searchsorted(gt, [a + lags["buffer"], b + lags["buffer"] + 1.0])
+        lost = float(gv[g_lo:g_hi][gt[g_lo:g_hi] - gv[g_lo:g_hi] < b + lags["buffer"]].sum())
+        if method in _POWER_SOURCES:
+            lag = lags[method]
+            q = self._source_quality(k, method, a, b, lag)
+            n, gap, peak = q["n"], q["gap"], q["peak"]
+            if method == "buffer":  # the only lane that stores every sample
+                if lost > 0:
+                    flags.append("samples_lost")
+                if gap > MAX_SAMPLE_GAP_S:
+                    flags.append("sample_gap")
+            if extrap.get(method, 0.0) > MAX_EDGE_EXTRAPOLATION_S:
+                flags.append("edge_extrapolated")
+        if dropped:
+            flags.append("dropped_records")
+        if a < st.start_s:
+            flags.append("before_history")
+
+        # scale: the counter-anchored gain of the chosen source
+        gain = calibration.Gain(reason="not a power trace")
+        energy = by_source.get(method, float("nan"))
+        if method in _POWER_SOURCES:
+            gain = self._gain(k, method, b, lag)
+            if gain.applied:
+                energy = energy * gain.gain
+        # an untrustworthy trace falls back to the counter where one brackets the window
+        if method in _POWER_SOURCES and counter_j is not None and \
+                {"samples_lost", "sample_gap", "edge_extrapolated"}.intersection(flags):
+            method, energy, lag = "counter", counter_j, 0.0
+            gain = calibration.Gain(reason="counter used")
+        resolution = model.resolution_s(method)
+        if b - a < resolution:
+            flags.append("below_resolution")
+
         sm_t, sm_v, _ = st.get("sm_clock", k)
         mem_t, mem_v, _ = st.get("mem_clock", k)
         tmp_t, tmp_v, _ = st.get("temperature", k)
@@ -553,17 +510,23 @@ class PowerMonitor:
         tmp = _held_values(tmp_t, tmp_v, a, b)
         # errors reported by the sampler during the window (and a poll period around it)
         et, _, ecode = st.get("error", k)
-        _, eaux, _ = st.get("error_aux", k)
+        eaux = st.get_aux("error", k)
         margin = 2 * self._cfg["poll_period_s"] + self._cfg["buffer_period_s"]
-        sel = (et >= a - margin) & (et <= b + margin)
+        e_lo, e_hi = np.searchsorted(et, [a - margin, b + margin], side="left")
         errs = [errors.from_nvml(int(c), core.nvml_symbol_name(int(x)), "reported by the sampler thread")
-                for c, x in zip(ecode[sel], eaux[sel])]
+                for c, x in zip(ecode[e_lo:e_hi], eaux[e_lo:e_hi])]
+        if errs:
+            flags.append("nvml_error")
         dur = b - a
         return DeviceMeasurement(
             device=cuda_idx, energy_j=energy, energy_method=method, energy_j_counter=counter_j,
             avg_power_w=energy / dur if dur > 0 and np.isfinite(energy) else float("nan"),
             peak_power_w=peak, energy_j_by_source=by_source, n_samples=n, max_sample_gap_s=gap,
             lost_samples_s=lost, edge_extrapolated_s=extrap.get(method, 0.0), lag_s=lag,
+            lag_method=self._dev_lag_method[k] if method == "buffer" else ("given" if self._lag_given else "default"),
+            gain=gain.gain if gain.applied else 1.0, gain_se=gain.se, gain_span_s=gain.span_s,
+            calibration="counter" if gain.applied else gain.reason, resolution_s=resolution,
+            flags=flags,
             sm_mhz=float(np.median(sm)) if len(sm) else float("nan"),
             mem_mhz=float(np.median(mem)) if len(mem) else float("nan"),
             clock_event_reasons=reasons,
@@ -577,18 +540,23 @@ class PowerMonitor:
         t, _, mj = self._store.get("counter", k)
         if len(t) < 2 or t[0] > a or t[-1] < b:
             return None
-        e = mj.astype(np.float64) * 1e-3
-        return float(np.interp(b, t, e) - np.interp(a, t, e))
+        lo = max(int(np.searchsorted(t, a, side="right")) - 1, 0)
+        hi = int(np.searchsorted(t, b, side="left")) + 1
+        ts, e = t[lo:hi], mj[lo:hi].astype(np.float64) * 1e-3
+        return float(np.interp(b, ts, e) - np.interp(a, ts, e))
 
     def trace(self, t0_s: Optional[float] = None, t1_s: Optional[float] = None,
-              sources: Sequence[str] = _POWER_SOURCES) -> pd.DataFrame:
+              sources: Sequence[str] = _POWER_SOURCES, *,
+              gains: Optional[Mapping[int, float]] = None) -> pd.DataFrame:
         """Raw power samples: columns t_s (host monotonic s), device (CUDA index), power_w,
-        source. With bounds, the sample in force at ``t0_s`` is included."""
+        source. With bounds, the sample in force at ``t0_s`` is included. ``gains`` ({device:
+        gain}) scales each device's power (a window's calibrated trace)."""
         self._pull()
         frames = []
         if self._store is not None:
             with self._lock:
                 for k, cuda_idx in enumerate(self.device_indices):
+                    g = 1.0 if gains is None else float(gains.get(cuda_idx, 1.0))
                     for src in sources:
                         t, p, _ = self._store.get(src, k)
                         if not len(t):
@@ -598,7 +566,7 @@ class PowerMonitor:
                         if hi <= lo:
                             continue
                         frames.append(pd.DataFrame({
-                            "t_s": t[lo:hi], "device": cuda_idx, "power_w": p[lo:hi], "source": src}))
+                            "t_s": t[lo:hi], "device": cuda_idx, "power_w": p[lo:hi] * g, "source": src}))
         if not frames:
             return pd.DataFrame({"t_s": pd.Series(dtype="float64"), "device": pd.Series(dtype="int64"),
                                  "power_w": pd.Series(dtype="float64"), "source": pd.Series(dtype="string")})
