@@ -203,28 +203,37 @@ def test_bounded_history_flags_windows_older_than_it(fake_gpu):
     assert "before_history" in m_old.flags and not m_old.ok
 
 
+def _noisy_bursts(fake_gpu):
+    """A sensor_probe workload on the emulator: five 200 ms bursts of ~700 W over ~100 W idle
+    with sensor noise (a new value every 20 ms, as a real GPU's power never stays constant),
+    scripted at known host times; returns the busy intervals (host monotonic s)."""
+    def workload():
+        rng = np.random.default_rng(3)
+        # burst edges at different phases of the 20 ms sample grid, like real work
+        bursts = [(0.307, 0.507), (0.813, 1.013), (1.311, 1.511), (1.604, 1.804), (1.915, 2.115)]
+        t = np.union1d(np.arange(0.0, 2.3, 0.02), np.ravel(bursts))
+        busy = np.zeros(len(t), dtype=bool)
+        for b0, b1 in bursts:
+            busy |= (t >= b0) & (t < b1)
+        w = np.where(busy, 700.0, 100.0) + rng.uniform(-5, 5, len(t))
+        off = _offset_s()
+        start = fake_gpu.set_trace(list(t), list(w))
+        time.sleep(2.4)
+        a = start - off
+        return [(a + b0, a + b1) for b0, b1 in bursts]
+    return workload
+
+
 # -- the sensor model -------------------------------------------------------------------------
 def test_sensor_model_measured_on_the_emulator(fake_gpu):
     fake_gpu.set_lag_ms(30.0)
 
-    def workload():
-        # three 200 ms bursts of ~700 W over ~100 W idle, with sensor noise (a new value every
-        # 20 ms, as a real GPU's power never stays constant), scripted at known host times
-        rng = np.random.default_rng(3)
-        t = np.arange(0.0, 1.8, 0.02)
-        busy = ((t >= 0.3) & (t < 0.5)) | ((t >= 0.8) & (t < 1.0)) | ((t >= 1.3) & (t < 1.5))
-        w = np.where(busy, 700.0, 100.0) + rng.uniform(-5, 5, len(t))
-        off = _offset_s()
-        start = fake_gpu.set_trace(list(t), list(w))
-        time.sleep(1.9)
-        a = start - off
-        return [(a + 0.3, a + 0.5), (a + 0.8, a + 1.0), (a + 1.3, a + 1.5)]
-
+    workload = _noisy_bursts(fake_gpu)
     m = sensor_probe.measure(0, seconds=1.0, workload=workload)
     assert m.uuid == ld.devices()[0].uuid
     assert m.buffer_spacing_s == pytest.approx(0.02, abs=0.002)
     assert m.field_update_s == pytest.approx(0.1, abs=0.02)
-    assert m.lag_method == "measured" and m.n_bursts == 3
+    assert m.lag_method == "measured" and m.n_bursts == 5
     # the estimate includes half a sample of hold delay (attribution.estimate_lag)
     assert 0.025 <= m.lag_s <= 0.045
     assert m.resolution_s("instant") == pytest.approx(m.field_update_s)
@@ -269,3 +278,40 @@ def test_info_sensors_cli(fake_gpu, tmp_path, monkeypatch, capsys):
     assert info.main(["--sensors", "--seconds", "0.4", "--no-bursts", "--no-save"]) == 0
     text = capsys.readouterr().out
     assert "buffer sample spacing" in text and "energy counter updates" in text
+
+
+def test_windows_around_pulses_with_sensor_lag(fake_gpu):
+    # Issue 12's emulator criterion: 300 ms pulses (700 W over 100 W idle), 22 ms sensor lag,
+    # windows opened and closed by the host at the pulse edges. With the lag measured for this
+    # GPU (sensor_probe, cached as `info --sensors` does), windows are within ±2.5 % of the
+    # truth on average over 8 pulses; host-bounds integration without lag reads several % low.
+    # The measured lag includes the buffer's zero-order-hold delay (pulses fall at every phase
+    # of the 20 ms sample grid), which is why it, not the emulator's 22 ms, is the right shift.
+    fake_gpu.set_lag_ms(22.0)
+    sensors.save(sensor_probe.measure(0, seconds=0.3, workload=_noisy_bursts(fake_gpu)))
+    off = _offset_s()
+    n, period, on = 8, 0.6, 0.3
+    starts = [0.5 + k * period + 0.0027 * k for k in range(n)]   # phases spread over the grid
+    t, w = [0.0], [100.0]
+    for s0 in starts:
+        t += [s0, s0 + on]
+        w += [700.0, 100.0]
+    with ld.PowerMonitor(devices=[0]) as mon, ld.PowerMonitor(devices=[0], lag_s=0.0) as blind:
+        start = fake_gpu.set_trace(t, w) - off
+        pairs = []
+        for s0 in starts:
+            t0 = start + s0
+            time.sleep(max(0.0, t0 - time.monotonic()))
+            wa, wb = mon.begin_window("pulse", sync=False), blind.begin_window("pulse", sync=False)
+            time.sleep(max(0.0, t0 + on - time.monotonic()))
+            wa.end(), wb.end()
+            pairs.append((wa, wb))
+        time.sleep(0.2)
+        errs, blind_errs = [], []
+        for wa, wb in pairs:
+            for win, out in ((wa, errs), (wb, blind_errs)):
+                m = win.measurement()
+                out.append(m.energy_j / fake_gpu.energy_between(0, m.t_start_s + off, m.t_end_s + off) - 1)
+        assert pairs[0][0].measurement().devices[0].lag_method == "measured"
+    assert abs(np.mean(errs)) < 0.025, errs
+    assert np.mean(blind_errs) < -0.05, blind_errs
