@@ -446,3 +446,18 @@ def test_requested_row_uses_nan_for_as_found(gpu):
         row = lk.requested_row()
     assert row["sm_mhz_requested"] == 1200.0
     assert math.isnan(row["mem_mhz_requested"]) and math.isnan(row["power_limit_w_requested"])
+
+
+def test_wait_settled_compares_the_power_limit(gpu):
+    ctl = ld.ClockController(0, allow_clock_changes=True)
+    other = ld.ClockController(0, allow_clock_changes=True)
+    ctl.set_power_limit(400.0)
+    assert ctl.wait_settled(None, timeout_s=0.2).settled          # the limit it set holds
+    other.set_power_limit(450.0)                                  # someone else moves it
+    with pytest.warns(clocks.ClockSettleWarning, match="power limit 400 W"):
+        r = ctl.wait_settled(None, timeout_s=0.1)
+    assert not r.settled and r.observed.power_limit_w == pytest.approx(450.0)
+    assert ctl.wait_settled(None, timeout_s=0.1, power_limit_w=450.0).settled
+    ctl.reset()
+    other.reset()
+    assert gpu.is_pristine()

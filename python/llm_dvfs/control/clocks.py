@@ -494,9 +494,11 @@ class ClockController:
         require_settled: Optional[bool] = None,
         mem_method: Optional[str] = None,
         poll_s: float = 0.02,
+        power_limit_w: Optional[float] = None,
     ) -> LockResult:
         """Poll until the observed SM (and memory) clock is within the tolerance of the request
-        on two consecutive reads, or the timeout passes.
+        and the power limit within 1 W of the requested one (``power_limit_w``, default: the
+        limit this controller set, if any) on two consecutive reads, or the timeout passes.
 
         Not settling is a :class:`ClockSettleWarning` (or :class:`ClockNotSettled` with
         ``require_settled``); either way the result carries the last observation and reasons.
@@ -504,15 +506,17 @@ class ClockController:
         tol = self.settle_tolerance_mhz if tolerance_mhz is None else float(tolerance_mhz)
         timeout = self.settle_timeout_s if timeout_s is None else float(timeout_s)
         strict = self.require_settled if require_settled is None else bool(require_settled)
+        want_pl = self._active["power_limit_w"] if power_limit_w is None else float(power_limit_w)
         t0 = time.monotonic()
         good = 0
         while True:
             st = self.state()
             ok_sm = sm_mhz is None or (st.sm_mhz is not None and abs(st.sm_mhz - sm_mhz) <= tol)
             ok_mem = mem_mhz is None or (st.mem_mhz is not None and abs(st.mem_mhz - mem_mhz) <= tol)
-            good = good + 1 if ok_sm and ok_mem else 0
+            ok_pl = want_pl is None or (st.power_limit_w is not None and abs(st.power_limit_w - want_pl) < 1.0)
+            good = good + 1 if ok_sm and ok_mem and ok_pl else 0
             unreadable = (sm_mhz is not None and st.sm_mhz is None) or (
-                mem_mhz is not None and st.mem_mhz is None)
+                mem_mhz is not None and st.mem_mhz is None) or (want_pl is not None and st.power_limit_w is None)
             if good >= 2 or unreadable or time.monotonic() - t0 >= timeout:
                 break
             time.sleep(poll_s)
@@ -525,6 +529,8 @@ class ClockController:
         if not result.settled:
             req = ", ".join(
                 f"{k} {v} MHz" for k, v in (("SM", sm_mhz), ("memory", mem_mhz)) if v is not None)
+            if want_pl is not None:
+                req += (", " if req else "") + f"power limit {want_pl:g} W"
             msg = (
                 f"GPU {self.device} did not settle at {req} (±{tol:g} MHz) within {timeout:g} s: "
                 f"observed SM {st.sm_mhz} MHz, memory {st.mem_mhz} MHz; clock-event reasons: "

@@ -315,8 +315,8 @@ def _clock_point(ctx: _CellContext, cp: ClockPoint, todo: list[Cell], feats: dic
 
 def _settle(ctl: Optional[ClockController], nvml_index: int, cp: ClockPoint) -> dict[str, Any]:
     """After the warm-up: the settle check of ``cp``. With the controller that holds ``cp``, its
-    :meth:`~llm_dvfs.control.clocks.ClockController.wait_settled` (plus the power limit, which it
-    does not compare); without one (observe mode, nothing requested) one read of the state,
+    :meth:`~llm_dvfs.control.clocks.ClockController.wait_settled` (clocks and power limit);
+    without one (observe mode, nothing requested) one read of the state,
     ``settled`` None.
 
     Returns ``settled``, ``waited_s``, the last ``observed_sm_mhz``/``observed_mem_mhz``/
@@ -331,10 +331,8 @@ def _settle(ctl: Optional[ClockController], nvml_index: int, cp: ClockPoint) -> 
         else:
             with warnings.catch_warnings():  # not settling is reported below, as a note
                 warnings.simplefilter("ignore", ClockSettleWarning)
-                res = ctl.wait_settled(cp.sm_mhz, cp.mem_mhz)
-            st, waited_s = res.observed, res.waited_s
-            settled = res.settled and (cp.power_limit_w is None or (
-                st.power_limit_w is not None and abs(st.power_limit_w - cp.power_limit_w) < 1.0))
+                res = ctl.wait_settled(cp.sm_mhz, cp.mem_mhz, power_limit_w=cp.power_limit_w)
+            st, waited_s, settled = res.observed, res.waited_s, res.settled
     except errors.LlmDvfsError as e:
         return {"settled": None if ctl is None or cp.as_found else False,
                 "detail": f"clock state unreadable: {e}"}
