@@ -122,6 +122,11 @@ class Measurement:
             r |= d.clock_event_reasons
         return r
 
+    def zeus(self) -> "ZeusMeasurement":
+        """This window in the shape of Zeus's Measurement (``time``, ``gpu_energy``,
+        ``total_energy``)."""
+        return ZeusMeasurement.from_measurement(self)
+
     def trace(self, margin_s: float = 0.0, *, calibrated: bool = True) -> pd.DataFrame:
         """Power samples of this window: columns t_s, device, power_w, source. ``calibrated``
         multiplies each device's samples by the gain this window applied, so that
@@ -175,3 +180,29 @@ class Window:
     def __repr__(self) -> str:
         state = "open" if self.t_end_ns is None else f"{(self.t_end_ns - self.t_start_ns) / 1e9:.3f} s"
         return f"<Window {self.name!r} {state}>"
+
+
+@dataclass
+class ZeusMeasurement:
+    """The shape of ``zeus.monitor.energy.Measurement``: ``time`` (s), ``gpu_energy`` ({GPU
+    index: J}), ``cpu_energy`` / ``dram_energy`` (None: not measured) and ``total_energy`` (J).
+    ``measurement`` is llm_dvfs's full :class:`Measurement` (method, flags, counter, clocks)."""
+
+    time: float
+    gpu_energy: dict[int, float]
+    cpu_energy: Optional[dict[int, float]] = None
+    dram_energy: Optional[dict[int, float]] = None
+    measurement: Optional[Measurement] = field(default=None, repr=False)
+
+    @property
+    def total_energy(self) -> float:
+        total = sum(self.gpu_energy.values())
+        for extra in (self.cpu_energy, self.dram_energy):
+            if extra:
+                total += sum(extra.values())
+        return total
+
+    @classmethod
+    def from_measurement(cls, m: Measurement) -> "ZeusMeasurement":
+        return cls(time=m.duration_s, gpu_energy={i: d.energy_j for i, d in m.devices.items()},
+                   measurement=m)
