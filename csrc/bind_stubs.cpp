@@ -6,3 +6,4 @@ namespace py = pybind11;
 
 __attribute__((weak)) void bind_timeline(py::module_&) {}
 __attribute__((weak)) void bind_control(py::module_&) {}
+__attribute__((weak)) void bind_cuda_devices(py::module_&) {}

@@ -15,6 +15,7 @@ using namespace llm_dvfs;
 
 void bind_timeline(py::module_& m);  // timeline.cpp / bind_timeline.cpp (weak stub if absent)
 void bind_control(py::module_& m);   // control.cpp
+void bind_cuda_devices(py::module_& m);  // bind_cuda_devices.cpp
 
 namespace {
 
@@ -237,4 +238,5 @@ PYBIND11_MODULE(_core, m) {
 
   bind_timeline(m);
   bind_control(m);
+  bind_cuda_devices(m);
 }

@@ -1,7 +1,8 @@
-// Hand-declared subset of the CUDA driver API (libcuda.so.1): only what the timeline uses.
-// Layouts and values follow cuda.h of CUDA 11/12/13; no CUDA toolkit is needed to build.
-// The library is opened lazily by the first Timeline that needs it (timeline.cpp), from
-// LLM_DVFS_CUDA_LIBRARY or the standard soname, and is never unloaded (torch shares it).
+// Hand-declared subset of the CUDA driver API (libcuda.so.1): only what the timeline and the
+// CUDA-ordinal -> UUID enumeration (bind_cuda_devices.cpp) use. Layouts and values follow cuda.h
+// of CUDA 11/12/13; no CUDA toolkit is needed to build. The library is opened lazily by its
+// first user (timeline.cpp: cuda_api()), from LLM_DVFS_CUDA_LIBRARY or the standard soname, and
+// is never unloaded (torch shares it).
 #pragma once
 
 #include <cstdint>
@@ -14,6 +15,9 @@ typedef struct CUctx_st* CUcontext;
 typedef struct CUstream_st* CUstream;
 typedef struct CUevent_st* CUevent;
 typedef void (*CUhostFn)(void* user_data);
+typedef struct CUuuid_st {
+  char bytes[16];  // the GPU's UUID; NVML prints the same bytes as "GPU-" + 8-4-4-4-12 hex
+} CUuuid;
 
 // Return codes (cuda.h: cudaError_enum) that the timeline distinguishes; others pass through.
 enum : int {
@@ -22,6 +26,7 @@ enum : int {
   CUDA_ERROR_NOT_INITIALIZED = 3,
   CUDA_ERROR_DEINITIALIZED = 4,
   CUDA_ERROR_NO_DEVICE = 100,
+  CUDA_ERROR_INVALID_DEVICE = 101,
   CUDA_ERROR_INVALID_CONTEXT = 201,
   CUDA_ERROR_INVALID_HANDLE = 400,
   CUDA_ERROR_NOT_FOUND = 500,
@@ -63,7 +68,10 @@ enum : unsigned int {
   X(EventElapsedTime, true, "cuEventElapsedTime_v2", "cuEventElapsedTime", CUresult,             \
     (float*, CUevent, CUevent))                                                                  \
   X(EventDestroy, true, "cuEventDestroy_v2", "cuEventDestroy", CUresult, (CUevent))              \
-  X(LaunchHostFunc, false, "cuLaunchHostFunc", nullptr, CUresult, (CUstream, CUhostFn, void*))
+  X(LaunchHostFunc, false, "cuLaunchHostFunc", nullptr, CUresult, (CUstream, CUhostFn, void*))   \
+  X(DeviceGetCount, false, "cuDeviceGetCount", nullptr, CUresult, (int*))                        \
+  X(DeviceGet, false, "cuDeviceGet", nullptr, CUresult, (CUdevice*, int))                        \
+  X(DeviceGetUuid, false, "cuDeviceGetUuid_v2", "cuDeviceGetUuid", CUresult, (CUuuid*, CUdevice))
 
 namespace llm_dvfs {
 

@@ -4,13 +4,17 @@ Fixtures
     fake_nvml_lib          session: path of the built full emulator (libfake_nvml.so)
     fake_nvml_variant      session: ``fake_nvml_variant("minimal"|"no_required"|"full") -> Path``
     fake_nvml_minimal_lib, fake_nvml_no_required_lib   session: paths of those variants
+    fake_cuda_variant      session: ``fake_cuda_variant("full"|"old"|"no_devices") -> Path`` of the
+                           fake libcuda (tests/fakes/fake_cuda.c); one path per variant, shared by
+                           every test (the package loads libcuda once per process)
     fake_gpu               function: a fresh emulated GPU for this test, as a FakeGpu
                            (tests/fakes/fake_gpu.py); the environment points the package at it
     no_nvml_driver         function: LLM_DVFS_NVML_LIBRARY names a missing file ("no driver")
 
 Markers
     @pytest.mark.fake_gpu(devices=1, variant="full", lag_ms=0, jitter_ms=0,
-                          cuda_visible_devices=None)   options of the fake_gpu fixture
+                          cuda_visible_devices=None, cuda_order=None, device_names=None,
+                          cuda=True)   options of the fake_gpu fixture
     @pytest.mark.changes_clocks   the test changes clocks / power limits: it gets fake_gpu and
                                   is skipped unless NVML is provably the emulator
     @pytest.mark.gpu              needs a real NVIDIA driver (skipped without one)
@@ -36,7 +40,8 @@ from fakes.fake_gpu import FakeGpu, _build_module, assert_emulated_nvml  # noqa:
 
 __all__ = ["FakeGpu", "assert_emulated_nvml"]
 
-_FAKE_GPU_OPTIONS = {"devices", "variant", "lag_ms", "jitter_ms", "cuda_visible_devices"}
+_FAKE_GPU_OPTIONS = {"devices", "variant", "lag_ms", "jitter_ms", "cuda_visible_devices",
+                     "cuda_order", "device_names", "cuda"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -44,8 +49,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "gpu: needs a real NVIDIA GPU and driver (skipped where there is none)",
         "native: exercises the C++ core (run again under sanitizers in CI)",
         "slow: takes more than a few seconds",
-        "fake_gpu(devices=1, variant='full', lag_ms=0, jitter_ms=0, cuda_visible_devices=None): "
-        "options of the fake_gpu fixture",
+        "fake_gpu(devices=1, variant='full', lag_ms=0, jitter_ms=0, cuda_visible_devices=None, "
+        "cuda_order=None, device_names=None, cuda=True): options of the fake_gpu fixture",
         "changes_clocks: changes GPU clocks or power limits; runs only against the emulated GPU",
     ):
         config.addinivalue_line("markers", line)
@@ -89,6 +94,27 @@ def fake_nvml_variant() -> Callable[[str], Path]:
 
 
 @pytest.fixture(scope="session")
+def fake_cuda_variant() -> Callable[[str], Path]:
+    """``fake_cuda_variant(variant) -> Path`` of the fake libcuda ("full", "old": unversioned names
+    only, "no_devices": no device enumeration), built once into the emulator's build directory.
+    Skips without a C compiler."""
+    build = _build_module()
+    built: dict[str, Path] = {}
+
+    def get(variant: str = "full") -> Path:
+        if variant not in built:
+            try:
+                built[variant] = build.build_fake_cuda(variant)
+            except build.FakeBuildError as e:
+                if "not found" in str(e):
+                    pytest.skip(str(e))
+                raise
+        return built[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def fake_nvml_lib(fake_nvml_variant) -> Path:
     """Path of the full emulated NVML library."""
     return fake_nvml_variant("full")
@@ -109,13 +135,18 @@ def fake_nvml_no_required_lib(fake_nvml_variant) -> Path:
 # -- the emulated GPU of one test ---------------------------------------------------------------
 @pytest.fixture
 def fake_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-             fake_nvml_variant) -> FakeGpu:
+             fake_nvml_variant, fake_cuda_variant) -> FakeGpu:
     """A fresh emulated H100 (or several) for this test.
 
     Sets, for this test only: LLM_DVFS_NVML_LIBRARY (the emulator), FAKE_NVML_STATE (a file in
     tmp_path, so child processes see the same GPU), FAKE_NVML_DEVICES, FAKE_NVML_LAG_MS /
     FAKE_NVML_JITTER_MS, and CUDA_VISIBLE_DEVICES (removed unless the marker gives one, so the
-    host's setting cannot hide the fake devices). Resets the state and checks the guard.
+    host's setting cannot hide the fake devices). The CUDA side: LLM_DVFS_CUDA_LIBRARY = the fake
+    libcuda, whose devices are these GPUs (``cuda=False``: a missing file instead, which only
+    takes effect in a process that has not loaded libcuda yet, e.g. a subprocess),
+    FAKE_CUDA_DEVICE_ORDER (``cuda_order="1,0"``: CUDA's order as NVML indices), and
+    FAKE_NVML_DEVICE_NAMES (``device_names=[...]``: per-device model names); CUDA_DEVICE_ORDER and
+    LLM_DVFS_NO_CUDA_INIT are removed. Resets the state and checks the guard.
     Options: ``@pytest.mark.fake_gpu(devices=2, variant="minimal", lag_ms=25, jitter_ms=3)``.
     """
     marker = request.node.get_closest_marker("fake_gpu")
@@ -135,11 +166,19 @@ def fake_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tm
             monkeypatch.setenv(var, str(float(opts[key])))
         else:
             monkeypatch.delenv(var, raising=False)
-    cvd = opts.get("cuda_visible_devices")
-    if cvd is None:
-        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    else:
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", str(cvd))
+    names = opts.get("device_names")
+    for var, val in (("CUDA_VISIBLE_DEVICES", opts.get("cuda_visible_devices")),
+                     ("FAKE_CUDA_DEVICE_ORDER", opts.get("cuda_order")),
+                     ("FAKE_NVML_DEVICE_NAMES", names if names is None or isinstance(names, str)
+                      else ",".join(names))):
+        if val is None:
+            monkeypatch.delenv(var, raising=False)
+        else:
+            monkeypatch.setenv(var, str(val))
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    monkeypatch.delenv("LLM_DVFS_NO_CUDA_INIT", raising=False)
+    monkeypatch.setenv("LLM_DVFS_CUDA_LIBRARY", str(fake_cuda_variant("full") if opts.get("cuda", True)
+                                                   else tmp_path / "no-driver" / "libcuda.so.1"))
     gpu = FakeGpu(lib, state, variant)
     gpu.reset()
     assert_emulated_nvml()

@@ -279,6 +279,27 @@ def test_two_gpus_are_guarded_independently(gpu, monkeypatch):
         ld.ClockController("all")
 
 
+@pytest.mark.changes_clocks
+@pytest.mark.fake_gpu(devices=2, cuda_order="1,0")
+def test_cuda_ordinal_locks_the_gpu_cuda_calls_by_that_ordinal(gpu):
+    """CUDA's order is not NVML's (fastest-first vs PCI): ClockController(0) is NVML device 1."""
+    assert_emulated_nvml()
+    from llm_dvfs import _core
+    loaded = _core.cuda_library_path()
+    if loaded and loaded != os.environ["LLM_DVFS_CUDA_LIBRARY"]:
+        pytest.skip(f"another CUDA driver library is loaded in this process ({loaded})")
+    ctl = ld.ClockController(0, allow_clock_changes=True)
+    assert (ctl.device, ctl.nvml_index) == (0, 1) and ctl.info.uuid.endswith("000000000001")
+    with ctl.locked(1200):
+        assert gpu.locked_clocks(1) == (1200, 1200) and gpu.locked_clocks(0) == (0, 0)
+    assert gpu.is_pristine(0) and gpu.is_pristine(1)
+    other = ld.ClockController("cuda:1", allow_clock_changes=True)
+    assert other.nvml_index == 0
+    with other.locked(1500):
+        assert gpu.locked_clocks(0) == (1500, 1500) and gpu.locked_clocks(1) == (0, 0)
+    assert gpu.is_pristine(0) and gpu.is_pristine(1)
+
+
 # ---- the watchdog --------------------------------------------------------------------------
 def test_watchdog_is_replaced_if_it_dies_and_restores_on_sigterm(gpu):
     ctl = ld.ClockController(0, allow_clock_changes=True)

@@ -246,7 +246,8 @@ def test_identity_of_two_emulated_h100s(fake_gpu, nvml):
     assert nvml.string("nvmlDeviceGetName", h0) == (NVML_SUCCESS, "NVIDIA H100 80GB HBM3")
     assert nvml.string("nvmlDeviceGetName", h0, size=8)[0] == NVML_ERROR_INSUFFICIENT_SIZE
     u0, u1 = nvml.string("nvmlDeviceGetUUID", h0)[1], nvml.string("nvmlDeviceGetUUID", h1)[1]
-    assert u0 == "GPU-fake0000-0000-0000-0000-000000000000" and u1.startswith("GPU-fake") and u0 != u1
+    assert u0 == "GPU-fa4e0000-0000-0000-0000-000000000000"  # valid hex, like a real UUID
+    assert u1 == "GPU-fa4e0000-0000-0000-0000-000000000001"
     assert nvml.string("nvmlSystemGetDriverVersion") == (NVML_SUCCESS, "580.159.04")
     assert nvml.string("nvmlSystemGetNVMLVersion") == (NVML_SUCCESS, "12.580.159.04")
     pcis = []

@@ -1,6 +1,7 @@
 """PowerMonitor against the emulated H100: integration rules, fallbacks, overflow, errors."""
 from __future__ import annotations
 
+import os
 import time
 import warnings
 
@@ -82,6 +83,30 @@ def test_nested_and_overlapping_windows_add_up(fake_gpu):
         # constant power: the parts of a partition add up exactly
         assert a.energy_j + b.energy_j + 400.0 * (head + gap + tail) == pytest.approx(outer.energy_j, rel=1e-6)
         assert over.avg_power_w == pytest.approx(400.0, rel=0.01)
+
+
+@pytest.mark.fake_gpu(devices=2, cuda_order="1,0")
+def test_cuda_ordinal_samples_the_gpu_cuda_calls_by_that_ordinal(fake_gpu):
+    """CUDA's order is not NVML's (fastest-first vs PCI): cuda:0 is NVML device 1 here."""
+    from llm_dvfs import _core
+    loaded = _core.cuda_library_path()
+    if loaded and loaded != os.environ["LLM_DVFS_CUDA_LIBRARY"]:
+        pytest.skip(f"another CUDA driver library is loaded in this process ({loaded})")
+    fake_gpu.set_power_w(150.0, device=0)
+    fake_gpu.set_power_w(450.0, device=1)
+    with ld.PowerMonitor(devices=[0]) as mon:
+        assert mon.nvml_indices == [1] and mon.device_indices == [0]
+        with mon.window("cuda:0") as w:
+            time.sleep(0.4)
+    assert w.avg_power_w == pytest.approx(450.0, rel=0.02)
+    assert list(w.measurement().devices) == [0]
+    with ld.PowerMonitor() as both:
+        assert both.nvml_indices == [1, 0]
+        with both.window("all") as w2:
+            time.sleep(0.3)
+    m = w2.measurement()
+    assert m.devices[0].avg_power_w == pytest.approx(450.0, rel=0.02)
+    assert m.devices[1].avg_power_w == pytest.approx(150.0, rel=0.02)
 
 
 def test_start_stop_idempotent_and_measurements_survive_stop(fake_gpu):

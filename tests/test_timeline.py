@@ -200,17 +200,6 @@ def test_token_timer_lifecycle_errors(tiny_llama):
 # --- native paths with a fake libcuda -------------------------------------------------------
 
 
-def _build_fake(tmp: Path, name: str, *flags: str) -> Path:
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler to build the fake libcuda")
-    out = tmp / name
-    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11",
-                    "-fvisibility=hidden", "-pthread", *flags, "-o", str(out),
-                    str(FAKES / "fake_cuda.c")], check=True)
-    return out
-
-
 class Fake:
     """ctypes handle on the fake's control functions (same library instance as the loader's)."""
 
@@ -243,10 +232,11 @@ class Fake:
 
 
 @pytest.fixture(scope="module")
-def fake_cuda(tmp_path_factory):
+def fake_cuda(fake_cuda_variant):
     if _core is None or not hasattr(_core, "Timeline"):
         pytest.skip("native core not built")
-    path = _build_fake(tmp_path_factory.mktemp("fake_cuda"), "libfake_cuda.so")
+    # the shared build (conftest): the fake_gpu fixture may have loaded this same file already
+    path = fake_cuda_variant("full")
     loaded = _core.cuda_library_path()
     if loaded and loaded != str(path):
         pytest.skip(f"a CUDA driver library is already loaded in this process ({loaded})")
@@ -409,10 +399,10 @@ def test_token_timer_with_event_timeline(fake, tiny_llama):
 
 
 @native
-def test_fallback_symbols_and_missing_host_func(tmp_path):
+def test_fallback_symbols_and_missing_host_func(fake_cuda_variant):
     """Unversioned-only driver (old): fallbacks resolve, callback mode is refused. Runs in a
     subprocess because the driver library is loaded once per process."""
-    lib = _build_fake(tmp_path, "libfake_cuda_old.so", "-DFAKE_CUDA_OLD")
+    lib = fake_cuda_variant("old")
     code = textwrap.dedent("""
         import llm_dvfs._core as c
         from llm_dvfs.meter.timeline import Timeline, CudaError
@@ -458,11 +448,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.native
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 @pytest.mark.parametrize("sanitize", ["thread", "address,undefined"])
-def test_timeline_under_sanitizers(tmp_path, sanitize):
+def test_timeline_under_sanitizers(tmp_path, sanitize, fake_cuda_variant):
     """tests/native/timeline_stress.cpp with the timeline sources under TSan / ASan+UBSan:
     event marks checked against the fake's true times, callback slots written by the driver
     thread, Timelines destroyed with callbacks pending, a concurrent stats reader."""
-    lib = _build_fake(tmp_path, "libfake_cuda.so")
+    lib = fake_cuda_variant("full")
     exe = tmp_path / f"timeline_stress_{sanitize.replace(',', '_')}"
     srcs = [ROOT / "csrc" / f for f in ("dynlib.cpp", "nvml.cpp", "device.cpp", "sampler.cpp", "timeline.cpp")]
     cmd = ["g++", "-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}",

@@ -123,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
                    help="with --sensors: cache the models (default: on; see llm_dvfs.meter.sensors.cache_path)")
     args = p.parse_args(argv)
-    from llm_dvfs.devices import devices, last_error, library_path
+    from llm_dvfs.devices import devices, last_error, library_path, order_source
 
     try:
         devs = devices()
@@ -140,6 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "devices": [d.to_dict() for d in devs],
             "error": None if devs else last_error(),
             "nvml_library": library_path(),
+            "cuda_order": order_source(),  # how GPU indices were matched to CUDA's ordinals
         }, indent=2))
         return 0
     if not devs:

@@ -10,13 +10,32 @@
  * Control functions (fake_cuda_*) script the clock, latencies and errors, and expose the true
  * completion time of every record for the tests to compare against.
  *
- * Build: cc -shared -fPIC -O2 -o libfake_cuda.so fake_cuda.c -lpthread
- *   -DFAKE_CUDA_OLD: export only unversioned names (cuEventDestroy, cuEventElapsedTime, ...)
- *                    and no cuLaunchHostFunc, to test the loader's fallbacks.
+ * Devices: the emulated GPUs of tests/fakes/fake_nvml.c, seen from CUDA. Their number is the
+ * caller's FAKE_NVML_DEVICES (1..8, default 1); NVML device i has the 16 UUID bytes
+ * fa 4e 00 00 .. 00 0i, i.e. NVML's "GPU-fa4e0000-0000-0000-0000-00000000000i". CUDA enumerates
+ * them in the order FAKE_CUDA_DEVICE_ORDER gives ("1,0": a comma-separated permutation of NVML
+ * indices, as CUDA's default FASTEST_FIRST order may differ from NVML's PCI order; indices left
+ * out follow in NVML order; default identity), or in NVML (PCI) order under
+ * CUDA_DEVICE_ORDER=PCI_BUS_ID. CUDA_VISIBLE_DEVICES is applied as the driver does: ordinals index
+ * that order, UUIDs (or unique prefixes, with or without "GPU-") name devices, the first invalid
+ * entry ends the list, repeated devices count once. Unlike the real driver, which reads these
+ * variables once in cuInit, the fake re-reads them at every call (so a test can change them), and
+ * cuInit succeeds even when no device is visible (cuDeviceGetCount then says 0). CUdevice handles
+ * are 0x1000 + NVML index, never the ordinal, so a caller that skips cuDeviceGet is caught.
+ *
+ * Build: tests/fakes/build.py (build_fake_cuda) or
+ *        cc -shared -fPIC -O2 -o libfake_cuda.so fake_cuda.c -lpthread
+ *   -DFAKE_CUDA_OLD: export only unversioned names (cuEventDestroy, cuEventElapsedTime,
+ *                    cuDeviceGetUuid, ...) and no cuLaunchHostFunc, to test the loader's fallbacks.
+ *   -DFAKE_CUDA_NO_DEVICES: no cuDeviceGetCount / cuDeviceGet / cuDeviceGetUuid(_v2) (a driver
+ *                    without device enumeration: the package falls back to assumed PCI order).
  */
 #define _GNU_SOURCE
+#include <ctype.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -24,6 +43,10 @@
 #define EXPORT __attribute__((visibility("default")))
 
 typedef int CUresult;
+typedef int CUdevice;
+typedef struct {
+  char bytes[16];
+} CUuuid;
 typedef void* CUcontext;
 typedef void* CUstream;
 typedef struct fake_event* CUevent;
@@ -33,6 +56,8 @@ enum {
   CUDA_SUCCESS = 0,
   CUDA_ERROR_INVALID_VALUE = 1,
   CUDA_ERROR_NOT_INITIALIZED = 3,
+  CUDA_ERROR_NO_DEVICE = 100,
+  CUDA_ERROR_INVALID_DEVICE = 101,
   CUDA_ERROR_INVALID_CONTEXT = 201,
   CUDA_ERROR_INVALID_HANDLE = 400,
   CUDA_ERROR_NOT_READY = 600,
@@ -201,6 +226,8 @@ EXPORT CUresult cuGetErrorName(CUresult r, const char** s) {
     case CUDA_SUCCESS: *s = "CUDA_SUCCESS"; return CUDA_SUCCESS;
     case CUDA_ERROR_INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; return CUDA_SUCCESS;
     case CUDA_ERROR_NOT_INITIALIZED: *s = "CUDA_ERROR_NOT_INITIALIZED"; return CUDA_SUCCESS;
+    case CUDA_ERROR_NO_DEVICE: *s = "CUDA_ERROR_NO_DEVICE"; return CUDA_SUCCESS;
+    case CUDA_ERROR_INVALID_DEVICE: *s = "CUDA_ERROR_INVALID_DEVICE"; return CUDA_SUCCESS;
     case CUDA_ERROR_INVALID_CONTEXT: *s = "CUDA_ERROR_INVALID_CONTEXT"; return CUDA_SUCCESS;
     case CUDA_ERROR_INVALID_HANDLE: *s = "CUDA_ERROR_INVALID_HANDLE"; return CUDA_SUCCESS;
     case CUDA_ERROR_NOT_READY: *s = "CUDA_ERROR_NOT_READY"; return CUDA_SUCCESS;
@@ -213,6 +240,161 @@ EXPORT CUresult cuGetErrorString(CUresult r, const char** s) {
   *s = r == CUDA_ERROR_UNKNOWN ? "unknown error (injected by fake_cuda)" : NULL;
   return *s ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
 }
+
+/* ---- devices (see the header comment) ------------------------------------------------------ */
+#ifndef FAKE_CUDA_NO_DEVICES
+#define FAKE_MAX_DEV 8
+#define DEVICE_HANDLE_BASE 0x1000
+
+/* FAKE_NVML_DEVICES as fake_nvml.c reads it (an integer 1..8), else 1. */
+static int device_total(void) {
+  const char* v = getenv("FAKE_NVML_DEVICES");
+  if (!v || !*v) return 1;
+  char* end = NULL;
+  double n = strtod(v, &end);
+  return (end != v && n >= 1 && n <= FAKE_MAX_DEV && n == floor(n)) ? (int)n : 1;
+}
+
+static void uuid_bytes(int nvml_index, unsigned char b[16]) {
+  memset(b, 0, 16);
+  b[0] = 0xfa;
+  b[1] = 0x4e;
+  b[14] = (unsigned char)((nvml_index >> 8) & 0xff);
+  b[15] = (unsigned char)(nvml_index & 0xff);
+}
+
+/* NVML's text form of the bytes: "GPU-" + 8-4-4-4-12 lower-case hex digits. */
+static void uuid_text(int nvml_index, char out[48]) {
+  unsigned char b[16];
+  uuid_bytes(nvml_index, b);
+  snprintf(out, 48, "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+           b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13],
+           b[14], b[15]);
+}
+
+/* The enumeration order before CUDA_VISIBLE_DEVICES: NVML indices. */
+static void base_order(int n, int order[FAKE_MAX_DEV]) {
+  int used[FAKE_MAX_DEV] = {0};
+  int k = 0;
+  const char* mode = getenv("CUDA_DEVICE_ORDER");
+  const char* v = (mode && strcmp(mode, "PCI_BUS_ID") == 0) ? NULL : getenv("FAKE_CUDA_DEVICE_ORDER");
+  while (v && *v) {
+    char* end = NULL;
+    long i = strtol(v, &end, 10);
+    if (end == v) break;
+    if (i >= 0 && i < n && !used[i]) {
+      used[i] = 1;
+      order[k++] = (int)i;
+    }
+    v = end;
+    while (*v == ' ') ++v;
+    if (*v != ',') break;
+    ++v;
+  }
+  for (int i = 0; i < n; ++i)
+    if (!used[i]) order[k++] = i;
+}
+
+/* NVML indices of the devices this process sees, in CUDA ordinal order; returns how many. */
+static int visible_devices(int out[FAKE_MAX_DEV]) {
+  const int n = device_total();
+  int order[FAKE_MAX_DEV];
+  base_order(n, order);
+  const char* p = getenv("CUDA_VISIBLE_DEVICES");
+  if (!p) {
+    memcpy(out, order, sizeof(int) * (size_t)n);
+    return n;
+  }
+  int k = 0, seen[FAKE_MAX_DEV] = {0};
+  for (;;) {
+    const size_t len = strcspn(p, ",");
+    const char* t = p;
+    size_t tl = len;
+    while (tl > 0 && isspace((unsigned char)t[0])) {
+      ++t;
+      --tl;
+    }
+    while (tl > 0 && isspace((unsigned char)t[tl - 1])) --tl;
+    if (tl == 0 || tl >= 44) break;
+    char tok[48];
+    memcpy(tok, t, tl);
+    tok[tl] = '\0';
+    int dev = -1;
+    if (strspn(tok, "0123456789") == tl) {
+      const long o = strtol(tok, NULL, 10);
+      if (o < n) dev = order[o];
+    } else if (strncmp(tok, "MIG-", 4) != 0) {
+      char want[56];
+      snprintf(want, sizeof want, "%s%s", strncmp(tok, "GPU-", 4) == 0 ? "" : "GPU-", tok);
+      int matches = 0;
+      for (int i = 0; i < n; ++i) {
+        char u[48];
+        uuid_text(order[i], u);
+        if (strncmp(u, want, strlen(want)) == 0) {
+          ++matches;
+          dev = order[i];
+        }
+      }
+      if (matches != 1) dev = -1;
+    }
+    if (dev < 0) break;
+    if (!seen[dev]) {
+      seen[dev] = 1;
+      out[k++] = dev;
+    }
+    if (p[len] != ',') break;
+    p += len + 1;
+  }
+  return k;
+}
+
+EXPORT CUresult cuDeviceGetCount(int* count) {
+  ENTER("cuDeviceGetCount");
+  const int init = g_initialized;
+  pthread_mutex_unlock(&g_mu);
+  if (!init) return CUDA_ERROR_NOT_INITIALIZED;
+  if (!count) return CUDA_ERROR_INVALID_VALUE;
+  int vis[FAKE_MAX_DEV];
+  *count = visible_devices(vis);
+  return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuDeviceGet(CUdevice* device, int ordinal) {
+  ENTER("cuDeviceGet");
+  const int init = g_initialized;
+  pthread_mutex_unlock(&g_mu);
+  if (!init) return CUDA_ERROR_NOT_INITIALIZED;
+  if (!device) return CUDA_ERROR_INVALID_VALUE;
+  int vis[FAKE_MAX_DEV];
+  const int n = visible_devices(vis);
+  if (ordinal < 0 || ordinal >= n) return CUDA_ERROR_INVALID_DEVICE;
+  *device = DEVICE_HANDLE_BASE + vis[ordinal];
+  return CUDA_SUCCESS;
+}
+
+static CUresult uuid_impl(const char* name, CUuuid* uuid, CUdevice device) {
+  ENTER(name);
+  const int init = g_initialized;
+  pthread_mutex_unlock(&g_mu);
+  if (!init) return CUDA_ERROR_NOT_INITIALIZED;
+  if (!uuid) return CUDA_ERROR_INVALID_VALUE;
+  const int idx = device - DEVICE_HANDLE_BASE;
+  if (idx < 0 || idx >= device_total()) return CUDA_ERROR_INVALID_DEVICE;
+  unsigned char b[16];
+  uuid_bytes(idx, b);
+  memcpy(uuid->bytes, b, 16);
+  return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuDeviceGetUuid(CUuuid* uuid, CUdevice device) {
+  return uuid_impl("cuDeviceGetUuid", uuid, device);
+}
+#ifndef FAKE_CUDA_OLD
+EXPORT CUresult cuDeviceGetUuid_v2(CUuuid* uuid, CUdevice device) {
+  return uuid_impl("cuDeviceGetUuid_v2", uuid, device);
+}
+#endif
+#endif /* FAKE_CUDA_NO_DEVICES */
 
 EXPORT CUresult cuCtxGetCurrent(CUcontext* c) {
   ENTER("cuCtxGetCurrent");

@@ -63,6 +63,9 @@
  * (re)initialised when missing or of another layout. FAKE_NVML_LAG_MS and FAKE_NVML_JITTER_MS are
  * read when it is initialised and by fake_nvml_reset. The device count (max 8) is the caller's
  * FAKE_NVML_DEVICES at each call, or when unset the value stored at initialisation/reset (1).
+ * Device i's UUID is GPU-fa4e0000-0000-0000-0000-00000000000i (valid hex: fake_cuda.c reports the
+ * same bytes through cuDeviceGetUuid); its name is FAKE_NAME unless FAKE_NVML_DEVICE_NAMES (a
+ * comma-separated list, read at each call) names it otherwise.
  * The environment variable is re-read at every call, so a process follows FAKE_NVML_STATE when a
  * test changes it. nvmlInit/nvmlShutdown are refcounted per process (per loaded library).
  *
@@ -489,6 +492,29 @@ static double env_double(const char *name, double dflt) {
 static unsigned env_devices(unsigned dflt) {
   double n = env_double("FAKE_NVML_DEVICES", -1.0);
   return (n >= 1 && n <= FAKE_MAX_DEV && n == floor(n)) ? (unsigned)n : dflt;
+}
+
+/* Name of device `index`: entry `index` of the caller's FAKE_NVML_DEVICE_NAMES (comma-separated,
+ * re-read at each call) when present and non-empty, else FAKE_NAME. Only the name changes: every
+ * device keeps the H100's tables (a mixed-model host for device-order tests). */
+__attribute__((unused)) static void device_name(unsigned index, char *out, size_t size) {
+  snprintf(out, size, "%s", FAKE_NAME);
+  const char *v = getenv("FAKE_NVML_DEVICE_NAMES");
+  for (unsigned i = 0; v && i < index; ++i) {
+    v = strchr(v, ',');
+    if (v) ++v;
+  }
+  if (!v) return;
+  size_t n = strcspn(v, ",");
+  while (n > 0 && v[0] == ' ') {
+    ++v;
+    --n;
+  }
+  while (n > 0 && v[n - 1] == ' ') --n;
+  if (n == 0) return;
+  if (n >= size) n = size - 1;
+  memcpy(out, v, n);
+  out[n] = '\0';
 }
 
 static int64_t ms_to_ns(double ms) { return (int64_t)llround(ms * 1e6); }
@@ -1089,7 +1115,9 @@ FAKE_API nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigne
   ENTER(SYM_nvmlDeviceGetName, 1);
   GET_DEV(device);
   (void)d;
-  LEAVE(copy_str(name, length, FAKE_NAME));
+  char buf[96];
+  device_name(device->index, buf, sizeof buf);
+  LEAVE(copy_str(name, length, buf));
 }
 #endif
 
@@ -1098,7 +1126,8 @@ FAKE_API nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigne
   GET_DEV(device);
   (void)d;
   char buf[96];
-  snprintf(buf, sizeof buf, "GPU-fake0000-0000-0000-0000-%012x", device->index);
+  /* valid hex, like a real UUID: fake_cuda.c reports the same 16 bytes (fa 4e 00 .. 00 0i) */
+  snprintf(buf, sizeof buf, "GPU-fa4e0000-0000-0000-0000-%012x", device->index);
   LEAVE(copy_str(uuid, length, buf));
 }
 
