@@ -38,6 +38,10 @@ REQUEST_COLUMNS: dict[str, str] = {
     "ttft_s": "float64",
     "tpot_s": "float64",
     "latency_s": "float64",
+    "t_arrival_s": "float64",       # served traffic (meter/concurrency.py): arrival, host monotonic s
+    "t_start_s": "float64",         # admission to a batch (arrival when the engine does not say)
+    "t_end_s": "float64",           # result returned / stream closed
+    "queue_s": "float64",           # t_start_s - t_arrival_s (NaN when admission is unknown)
     "energy_j": "float64",
     "prefill_energy_j": "float64",
     "decode_energy_j": "float64",

@@ -55,6 +55,9 @@ __all__ = [
     "request_tpot_s",
     "request_token_rows",
     "traces_from_frame",
+    "coerce_traces",
+    "compensate_lag",
+    "trace_method",
     "attribute",
 ]
 
@@ -399,7 +402,15 @@ class Attribution:
         }
 
 
-def _coerce_traces(trace: Any, source: Optional[str]) -> list[PowerTrace]:
+def coerce_traces(trace: Any, source: Optional[str] = None) -> list[PowerTrace]:
+    """The power trace argument of :func:`attribute` as a list of :class:`PowerTrace`, one per
+    device: a ``Window.trace()`` DataFrame (``t_s``, ``power_w``[, ``device``, ``source``]; the
+    best source per device unless ``source`` forces one), a ``(t_s, power_w)`` pair, or
+    PowerTrace object(s).
+
+    Raises:
+        ConfigError: any other type. ValueError: as :func:`traces_from_frame` and PowerTrace.
+    """
     if isinstance(trace, PowerTrace):
         return [trace]
     if isinstance(trace, pd.DataFrame):
@@ -410,6 +421,48 @@ def _coerce_traces(trace: Any, source: Optional[str]) -> list[PowerTrace]:
         return [PowerTrace(trace[0], trace[1], source=source or "buffer")]
     raise ConfigError("trace must be a DataFrame (t_s, power_w[, device, source]), a (t_s, power_w) "
                       "pair or PowerTrace(s)")
+
+
+def compensate_lag(
+    traces: Sequence[PowerTrace],
+    busy_windows_s: Any,
+    *,
+    lag_s: Union[None, float, Mapping[int, float]] = None,
+    default_lag_s: Optional[float] = None,
+    search_s: tuple[float, float] = (0.0, 0.1),
+) -> tuple[list[PowerTrace], dict[int, LagEstimate]]:
+    """Each device's trace shifted by its sensor lag, and the lag used per device.
+
+    Args:
+        traces: raw traces (their own ``lag_s`` is ignored; ``raw_t_s`` is shifted).
+        busy_windows_s: (n, 2) ``[start, end]`` host times of GPU activity, not overlapping, for
+            :func:`estimate_lag` (only used when ``lag_s`` is None).
+        lag_s: None = estimate per device, falling back to ``default_lag_s``; a float for every
+            device, or {device: lag} (devices not named get the fallback, method ``given``).
+        default_lag_s: fallback / calibration value; None = ``DEFAULT_LAG_S[source]``.
+        search_s: lag range searched, s.
+    Returns:
+        (shifted traces, {device: LagEstimate}); method ``trace``, ``default`` or ``given``.
+    """
+    out: list[PowerTrace] = []
+    lags: dict[int, LagEstimate] = {}
+    for tr in traces:
+        fallback = default_lag_s if default_lag_s is not None else DEFAULT_LAG_S.get(tr.source, 0.0)
+        if lag_s is None:
+            est = estimate_lag(tr.raw_t_s, tr.power_w, busy_windows_s, search_s=search_s,
+                               default_lag_s=fallback)
+        else:
+            val = lag_s.get(tr.device, fallback) if isinstance(lag_s, Mapping) else float(lag_s)
+            est = LagEstimate(float(val), "given")
+        lags[tr.device] = est
+        out.append(tr.shifted(est.lag_s))
+    return out, lags
+
+
+def trace_method(traces: Sequence[PowerTrace]) -> str:
+    """The traces' power source(s): ``buffer``, ``instant``, ``average``, or several joined by ``+``."""
+    methods = sorted({t.source for t in traces})
+    return methods[0] if len(methods) == 1 else "+".join(methods)
 
 
 def attribute(
@@ -483,22 +536,10 @@ def attribute(
         t0, t1 = min(t0, float(window_s[0])), max(t1, float(window_s[1]))
 
     # Lag per device, then the shifted traces.
-    raw = _coerce_traces(trace, source)
     windows = np.array([[b.bounds_s[0], b.bounds_s[-1]] for b in bs])
-    traces: list[PowerTrace] = []
-    lags: dict[int, LagEstimate] = {}
-    for tr in raw:
-        fallback = default_lag_s if default_lag_s is not None else DEFAULT_LAG_S.get(tr.source, 0.0)
-        if lag_s is None:
-            est = estimate_lag(tr.raw_t_s, tr.power_w, windows, search_s=lag_search_s,
-                               default_lag_s=fallback)
-        else:
-            val = lag_s.get(tr.device, fallback) if isinstance(lag_s, Mapping) else float(lag_s)
-            est = LagEstimate(float(val), "given")
-        lags[tr.device] = est
-        traces.append(tr.shifted(est.lag_s))
-    methods = sorted({t.source for t in traces})
-    energy_method = methods[0] if len(methods) == 1 else "+".join(methods)
+    traces, lags = compensate_lag(coerce_traces(trace, source), windows, lag_s=lag_s,
+                                  default_lag_s=default_lag_s, search_s=lag_search_s)
+    energy_method = trace_method(traces)
 
     requests: list[dict] = []
     token_rows: list[dict] = []
