@@ -515,8 +515,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         pd.DataFrame(rows).to_csv(out_dir / "requests.csv", index=False)
-        trace.to_parquet(out_dir / "trace.parquet")
-        att.tokens.to_parquet(out_dir / "tokens.parquet")
+        from llm_dvfs.schema import write_parquet
+
+        # the run directory's schema (llm_dvfs.schema): nulls, units as field metadata
+        write_parquet("power", trace.assign(cell_id="attribution_accuracy"), out_dir / "trace.parquet")
+        write_parquet("tokens", att.tokens, out_dir / "tokens.parquet")
         print(f"\nwrote {out_dir}/summary.json, requests.csv, trace.parquet, tokens.parquet")
     return 0
 

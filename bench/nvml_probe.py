@@ -72,18 +72,18 @@ def main() -> None:
     h = ctypes.c_void_p()
     assert nv.nvmlDeviceGetHandleByIndex_v2(args.gpu, ctypes.byref(h)) == 0
 
-    def counter_mj() -> int:
+    def counter_mj() -> float:  # NaN: the read failed
         v = ctypes.c_ulonglong()
         rc = nv.nvmlDeviceGetTotalEnergyConsumption(h, ctypes.byref(v))
-        return v.value if rc == 0 else -1
+        return float(v.value) if rc == 0 else float("nan")
 
     fv = (_Field * 1)()
 
-    def instant_mw() -> int:
+    def instant_mw() -> float:  # NaN: the read failed
         fv[0].fieldId = 186
         fv[0].scopeId = 0
         nv.nvmlDeviceGetFieldValues(h, 1, fv)
-        return fv[0].value.uiVal if fv[0].nvmlReturn == 0 else -1
+        return float(fv[0].value.uiVal) if fv[0].nvmlReturn == 0 else float("nan")
 
     last_seen = ctypes.c_ulonglong(0)
     buf_t: list[int] = []
@@ -124,6 +124,9 @@ def main() -> None:
 
     ct, cv = np.array(ctr_t), np.array(ctr_v, dtype=np.float64)
     it, iv = np.array(ins_t), np.array(ins_v, dtype=np.float64)
+    # failed reads are NaN, never a value: leave them out of every statistic
+    ct, cv = ct[np.isfinite(cv)], cv[np.isfinite(cv)]
+    it, iv = it[np.isfinite(iv)], iv[np.isfinite(iv)]
     bt, bv = np.array(buf_t, dtype=np.float64) * 1e-6, np.array(buf_v, dtype=np.float64) * 1e-3
 
     def change_intervals(t, v):
@@ -166,8 +169,7 @@ def main() -> None:
         k = np.clip(np.searchsorted(tb, x, side="right") - 1, 0, len(tb) - 1)
         return cum[k] + bv[k] * (x - tb[k])
 
-    ok = cv >= 0
-    ct2, cv2 = ct[ok], cv[ok] * 1e-3
+    ct2, cv2 = ct, cv * 1e-3
     seg = {}
     for length in (1.0, 10.0):
         ratios = []

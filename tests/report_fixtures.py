@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from llm_dvfs.schema import to_frame
+from llm_dvfs.schema import to_frame, write_parquet
 
 F_MAX_MHZ = 1980.0
 DEFAULT_CLOCKS_MHZ = (600.0, 900.0, 1200.0, 1500.0, 1800.0, 1980.0)
@@ -186,9 +186,10 @@ def tokens_and_power(requests: pd.DataFrame, t_start_s: Sequence[float] | None =
     return to_frame("tokens", tok_rows), to_frame("power", pow_rows)
 
 
-def make_run_dir(path: Path, *, write_parquet: bool = True, with_traces: bool = True, **kwargs: Any) -> SyntheticRun:
+def make_run_dir(path: Path, *, parquet: bool = True, with_traces: bool = True, **kwargs: Any) -> SyntheticRun:
     """Write a run directory (manifest.json, requests.parquet/.csv, tokens.parquet,
-    power.parquet) under ``path`` from :func:`make_requests` (``kwargs`` go there)."""
+    power.parquet, written through the schema as a run writes them) under ``path`` from
+    :func:`make_requests` (``kwargs`` go there); ``parquet=False``: requests.csv only."""
     run = make_requests(**kwargs)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -206,10 +207,10 @@ def make_run_dir(path: Path, *, write_parquet: bool = True, with_traces: bool = 
     (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if with_traces:
         tok, pw = tokens_and_power(req, run.t_start_s)
-        tok.to_parquet(path / "tokens.parquet", index=False)
-        pw.to_parquet(path / "power.parquet", index=False)
-    if write_parquet:
-        req.to_parquet(path / "requests.parquet", index=False)
+        write_parquet("tokens", tok, path / "tokens.parquet")
+        write_parquet("power", pw, path / "power.parquet")
+    if parquet:
+        write_parquet("requests", req, path / "requests.parquet")
     req.to_csv(path / "requests.csv", index=False)
     return run
 

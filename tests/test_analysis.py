@@ -214,6 +214,29 @@ def test_time_fit_recovers_exact_parameters():
     assert res["r2"] == pytest.approx(1.0, abs=1e-12) and res["rmse"] < 1e-12
 
 
+def test_time_fit_is_linear_least_squares_without_curve_fit(monkeypatch):
+    import scipy.optimize
+
+    def no_curve_fit(*a, **kw):
+        raise AssertionError("time ≈ a + b/f is linear in (a, b): no iterative fit")
+
+    monkeypatch.setattr(scipy.optimize, "curve_fit", no_curve_fit)
+    rng = np.random.default_rng(5)
+    f = np.repeat(F, 5)
+    a, b = 0.0042, 21.0
+    t = a + b / f + rng.normal(0, 2e-5, size=f.size)
+    res = fit_time_model(f, t)
+    # the normal equations of the same problem, solved independently
+    X = np.column_stack([np.ones_like(f), 1.0 / f])
+    a_ls, b_ls = np.linalg.solve(X.T @ X, X.T @ t)
+    assert res["a"] == pytest.approx(a_ls, rel=1e-9) and res["b"] == pytest.approx(b_ls, rel=1e-9)
+    # and the known parameters, within the noise
+    assert res["a"] == pytest.approx(a, abs=3e-5) and res["b"] == pytest.approx(b, rel=2e-3)
+    resid = t - (a_ls + b_ls / f)
+    assert res["rmse"] == pytest.approx(math.sqrt(np.mean(resid ** 2)), rel=1e-9)
+    assert res["r2"] == pytest.approx(1 - np.sum(resid ** 2) / np.sum((t - t.mean()) ** 2), rel=1e-12)
+
+
 @pytest.mark.parametrize("c,d_scaled,k", [(80.0, 520.0, 3.0), (250.0, 450.0, 3.5), (120.0, 300.0, 1.0),
                                            (60.0, 640.0, 2.2)])
 def test_power_fit_recovers_exact_parameters(c, d_scaled, k):
@@ -330,6 +353,47 @@ def test_bh_qvalues_known_answer():
     assert math.isnan(q[4])
 
 
+def _bh_by_hand(p: np.ndarray) -> np.ndarray:
+    """The Benjamini-Hochberg step-up procedure as llm_dvfs implemented it before scipy's."""
+    q = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    m = int(ok.sum())
+    if m == 0:
+        return q
+    pv = p[ok]
+    order = np.argsort(pv)
+    ranked = pv[order] * m / np.arange(1, m + 1)
+    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
+    res = np.empty(m)
+    res[order] = np.clip(ranked, 0, 1)
+    q[ok] = res
+    return q
+
+
+def test_bh_qvalues_are_scipys_and_equal_the_hand_written_procedure(monkeypatch):
+    rng = np.random.default_rng(11)
+    worst = 0.0
+    for _ in range(500):
+        n = int(rng.integers(1, 400))
+        p = rng.random(n) ** rng.uniform(0.2, 5.0)    # from mostly small to mostly large p
+        p[rng.random(n) < 0.1] = np.nan                # tests that could not be made
+        if rng.random() < 0.3:
+            p[: n // 3] = np.round(p[: n // 3], 2)     # ties
+        mine, ref = bh_qvalues(p), _bh_by_hand(p)
+        assert np.array_equal(np.isnan(mine), np.isnan(ref))
+        if np.isfinite(ref).any():
+            worst = max(worst, float(np.nanmax(np.abs(mine - ref))))
+    # identical up to the rounding of p·m/i vs p·(m/i): at most one ulp of 1.0 (measured 2.2e-16)
+    assert worst <= np.finfo(float).eps
+    # and it is scipy's function that computes them
+    import scipy.stats
+
+    seen = []
+    monkeypatch.setattr(scipy.stats, "false_discovery_control", lambda ps, method: seen.append(method) or ps)
+    bh_qvalues([0.5, 0.1])
+    assert seen == ["bh"]
+
+
 def test_regression_recovers_standardised_coefficients_and_drops_bad_features():
     rng = np.random.default_rng(3)
     n = 40
@@ -381,3 +445,62 @@ def test_regression_drops_nan_rows_and_mostly_missing_features():
     assert r.loc["feat_driver", "n"] == 25
     assert r.loc["feat_sparse", "note"].startswith("mostly missing")
     assert r.loc["feat_driver", "beta"] > 0.95
+
+
+# --------------------------------------------------------------------------------------------
+# trade-offs: EDP, ED²P, saving vs slowdown
+# --------------------------------------------------------------------------------------------
+def test_edp_table_on_a_hand_table():
+    from llm_dvfs.analysis.tradeoffs import edp_optima, edp_table
+
+    # energy falls and latency rises with the clock going down: E·t is lowest in the middle
+    clocks = [1980.0, 1500.0, 1200.0, 900.0]
+    e = {1980.0: 10.0, 1500.0: 7.0, 1200.0: 6.5, 900.0: 6.4}
+    t = {1980.0: 1.0, 1500.0: 1.2, 1200.0: 1.5, 900.0: 2.0}
+    rows = []
+    for f in clocks:
+        for i in range(3):
+            rows.append({"cell_id": f"m|q|{f}", "request_id": f"{f}|{i}", "model": "m", "task": "q", "batch_size": 1,
+                         "sm_mhz_requested": f, "energy_j": e[f], "latency_s": t[f], "tokens_out": 4})
+    rows.append({"cell_id": "m|single", "request_id": "s|0", "model": "m", "task": "single", "batch_size": 1,
+                 "sm_mhz_requested": 1980.0, "energy_j": 1.0, "latency_s": 1.0, "tokens_out": 4})
+    summ = summarize(to_frame("requests", rows), n_boot=20)
+    keys = ["model", "task", "batch_size"]
+    tab = edp_table(summ, keys).set_index(["task", "clock_mhz"])
+    q = tab.loc["q"]
+    for f in clocks:
+        assert q.loc[f, "edp_j_s"] == pytest.approx(e[f] * t[f])
+        assert q.loc[f, "ed2p_j_s2"] == pytest.approx(e[f] * t[f] ** 2)
+        assert q.loc[f, "edp_rel"] == pytest.approx(e[f] * t[f] / 10.0)
+        assert q.loc[f, "ed2p_rel"] == pytest.approx(e[f] * t[f] ** 2 / 10.0)
+        assert q.loc[f, "saving_pct"] == pytest.approx((1 - e[f] / 10.0) * 100)
+        assert q.loc[f, "slowdown_pct"] == pytest.approx((t[f] - 1.0) * 100)
+    # E·t: 10, 8.4, 9.75, 12.8 -> 1500; E·t²: 10, 10.08, 14.6, 25.6 -> 1980
+    assert q.index[q["edp_min"]].tolist() == [1500.0] and q.index[q["ed2p_min"]].tolist() == [1980.0]
+    assert q["pareto"].all()  # every point saves more energy for more slowdown
+    opt = edp_optima(edp_table(summ, keys), keys).set_index("task")
+    assert opt.loc["q", "edp_label"] == "1500 MHz" and opt.loc["q", "edp_rel"] == pytest.approx(0.84)
+    assert opt.loc["q", "ed2p_label"] == "1980 MHz" and opt.loc["q", "ed2p_rel"] == pytest.approx(1.0)
+    assert opt.loc["q", "status"] == "ok" and opt.loc["single", "status"] == "one clock point"
+    assert not tab.loc["single"]["edp_min"].any()  # one point is nobody's minimum
+
+
+def test_cell_power_integrates_each_sample_until_the_next():
+    from llm_dvfs.analysis.tradeoffs import cell_power
+
+    pw = to_frame("power", [
+        {"cell_id": "a", "t_s": 0.0, "device": 0, "power_w": 100.0, "source": "buffer"},
+        {"cell_id": "a", "t_s": 1.0, "device": 0, "power_w": 300.0, "source": "buffer"},
+        {"cell_id": "a", "t_s": 3.0, "device": 0, "power_w": 50.0, "source": "buffer"},
+        {"cell_id": "a", "t_s": 0.5, "device": 0, "power_w": 200.0, "source": "average"},
+        {"cell_id": "a", "t_s": 2.5, "device": 0, "power_w": 200.0, "source": "average"},
+        {"cell_id": "a", "t_s": 4.0, "device": 0, "power_w": None, "source": "average"},  # null: skipped
+    ])
+    c = cell_power(pw).set_index("source")
+    assert c.loc["buffer", "energy_j"] == pytest.approx(100.0 * 1 + 300.0 * 2)
+    assert c.loc["buffer", "duration_s"] == 3.0 and c.loc["buffer", "n_samples"] == 3
+    assert c.loc["buffer", "mean_power_w"] == pytest.approx(700.0 / 3)
+    assert c.loc["buffer", "peak_power_w"] == 300.0
+    assert c.loc["average", "n_samples"] == 2 and c.loc["average", "energy_j"] == pytest.approx(400.0)
+    assert c.loc["buffer", "preferred"] and not c.loc["average", "preferred"]
+    assert cell_power(None).empty and cell_power(pw.iloc[0:0]).empty

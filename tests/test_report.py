@@ -60,7 +60,8 @@ def test_sweep_report_writes_every_file(sweep_report):
     figs = sorted(p.name for p in (out_dir / "figures").glob("*.png"))
     assert figs == sorted(["energy_vs_clock.png", "latency_vs_clock.png", "j_per_token_vs_clock.png",
                            "pareto.png", "phase_fits.png", "power_trace.png", "feature_scatter.png",
-                           "correlation_heatmap.png"])
+                           "correlation_heatmap.png", "edp_vs_clock.png", "saving_vs_slowdown.png",
+                           "power_timeline.png"])
     for f in figs:
         _png_ok((out_dir / "figures" / f).read_bytes())
     md = (out_dir / "report.md").read_text()
@@ -106,6 +107,85 @@ def test_key_table_csv_agrees_with_the_raw_requests(sweep_report):
     assert (ref["note"].str.contains("reference")).all() and (ref["energy_j_delta_pct"] == 0).all()
 
 
+def _medians(out_dir: Path) -> pd.DataFrame:
+    """Median energy and latency per task × clock, straight from requests.parquet."""
+    raw = pd.read_parquet(out_dir.parent / "requests.parquet")
+    return raw.groupby(["model", "task", "sm_mhz_requested"])[["energy_j", "latency_s"]].median().astype(float)
+
+
+def test_edp_figure_and_its_text_match_a_direct_computation(sweep_report):
+    from llm_dvfs.analysis.render import fmt_num
+
+    _, out_dir, _ = sweep_report
+    med = _medians(out_dir)
+    md = (out_dir / "report.md").read_text()
+    page = (out_dir / "report.html").read_text()
+    assert "(figures/edp_vs_clock.png)" in md and 'id="fig-edp_vs_clock"' in page
+    _png_ok((out_dir / "figures" / "edp_vs_clock.png").read_bytes())
+    assert "How to read: each curve multiplies the median energy per request" in page
+    edp_csv = pd.read_csv(out_dir / "edp.csv")
+    for (model, task), g in med.groupby(level=[0, 1]):
+        g = g.droplevel([0, 1])
+        edp, ed2p = g["energy_j"] * g["latency_s"], g["energy_j"] * g["latency_s"] ** 2
+        f_edp, f_ed2p = float(edp.idxmin()), float(ed2p.idxmin())
+        rel_edp, rel_ed2p = edp[f_edp] / edp[1980.0], ed2p[f_ed2p] / ed2p[1980.0]
+        sentence = (f"{model} · {task} · batch 1: EDP is lowest at {f_edp:.0f} MHz ({fmt_num(rel_edp)} × the value "
+                    f"at 1980 MHz); ED²P is lowest at {f_ed2p:.0f} MHz ({fmt_num(rel_ed2p)} ×).")
+        assert sentence in md and sentence in page
+        rows = edp_csv[edp_csv["task"] == task].set_index("clock_mhz")
+        np.testing.assert_allclose(rows.loc[g.index, "edp_j_s"], edp, rtol=1e-12)
+        np.testing.assert_allclose(rows.loc[g.index, "ed2p_rel"], ed2p / ed2p[1980.0], rtol=1e-12)
+        assert rows.index[rows["edp_min"]].tolist() == [f_edp]
+    # the planted physics: ED²P, which weighs time more, never prefers a lower clock than EDP
+    opt = pd.read_csv(out_dir / "edp_optima.csv")
+    assert (opt["ed2p_clock_mhz"] >= opt["edp_clock_mhz"]).all() and (opt["edp_rel"] <= 1).all()
+
+
+def test_saving_vs_slowdown_marks_the_pareto_front(sweep_report):
+    _, out_dir, _ = sweep_report
+    med = _medians(out_dir)
+    md = (out_dir / "report.md").read_text()
+    assert "(figures/saving_vs_slowdown.png)" in md
+    _png_ok((out_dir / "figures" / "saving_vs_slowdown.png").read_bytes())
+    edp_csv = pd.read_csv(out_dir / "edp.csv")
+    for (model, task), g in med.groupby(level=[0, 1]):
+        g = g.droplevel([0, 1])
+        saving = (1 - g["energy_j"] / g.loc[1980.0, "energy_j"]) * 100
+        slowdown = (g["latency_s"] / g.loc[1980.0, "latency_s"] - 1) * 100
+        # Pareto: no other clock saves at least as much with no more slowdown (one of them strictly)
+        front = {f for f in g.index if not any(
+            saving[o] >= saving[f] and slowdown[o] <= slowdown[f] and (saving[o] > saving[f] or slowdown[o] < slowdown[f])
+            for o in g.index if o != f)}
+        rows = edp_csv[edp_csv["task"] == task].set_index("clock_mhz")
+        np.testing.assert_allclose(rows.loc[g.index, "saving_pct"], saving, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(rows.loc[g.index, "slowdown_pct"], slowdown, rtol=1e-9, atol=1e-9)
+        assert set(rows.index[rows["pareto"]]) == front
+        line = next(l for l in md.splitlines() if l.startswith(f"{model} · {task} · batch 1: Pareto front"))
+        named = [float(x) for x in re.findall(r"(\d+) MHz \(", line)]
+        assert set(named) == front - {1980.0} and named == sorted(named, key=lambda f: slowdown[f])
+
+
+def test_power_timeline_per_cell_matches_power_parquet(sweep_report):
+    from llm_dvfs.analysis.render import fmt_num
+
+    _, out_dir, _ = sweep_report
+    pw = pd.read_parquet(out_dir.parent / "power.parquet")
+    cells = pd.read_csv(out_dir / "cell_power.csv")
+    assert len(cells) == pw["cell_id"].nunique() == 12 and cells["preferred"].all()
+    page = (out_dir / "report.html").read_text()
+    assert 'id="fig-power_timeline"' in page and "It shows all 12 cell(s)." in page
+    _png_ok((out_dir / "figures" / "power_timeline.png").read_bytes())
+    for cid, g in pw.groupby("cell_id"):
+        g = g.sort_values("t_s", kind="stable")
+        t, p = g["t_s"].to_numpy(dtype=float), g["power_w"].to_numpy(dtype=float)
+        energy = float(np.sum(p[:-1] * np.diff(t)))   # each sample held until the next
+        row = cells[cells["cell_id"] == cid].iloc[0]
+        assert row["energy_j"] == pytest.approx(energy, rel=1e-12)
+        assert row["mean_power_w"] == pytest.approx(energy / (t[-1] - t[0]), rel=1e-12)
+        assert row["n_samples"] == len(g) and row["peak_power_w"] == pytest.approx(p.max())
+        assert f"<td class=\"t\">{cid}</td>" in page and f"<td class=\"\">{fmt_num(energy)}</td>" in page
+
+
 def test_report_lists_what_cannot_be_concluded_for_a_sweep(sweep_report):
     _, out_dir, stdout = sweep_report
     text = stdout.split("What cannot be concluded:")[1]
@@ -149,7 +229,7 @@ def test_html_is_self_contained(sweep_report):
     assert "<script" not in page.lower()
     assert not re.search(r"""(src|href)\s*=\s*["'](?!data:|#)""", page), "external resource in the page"
     imgs = re.findall(r'<img [^>]*src="data:image/png;base64,([^"]+)"', page)
-    assert len(imgs) == len(list((out_dir / "figures").glob("*.png"))) == 8
+    assert len(imgs) == len(list((out_dir / "figures").glob("*.png"))) == 11
     for b in imgs:
         _png_ok(base64.b64decode(b))
     assert 'id="cannot-conclude"' in page and "What cannot be concluded" in page
@@ -162,7 +242,7 @@ def test_html_renders_in_headless_chromium(sweep_report, tmp_path):
         pytest.skip("no chromium on PATH (install the Debian package `chromium`)")
     _, out_dir, _ = sweep_report
     seen = check_html_in_chromium(out_dir / "report.html", tmp_path, exe=exe)
-    assert seen["images"] == 8
+    assert seen["images"] == 11
     assert seen["broken"] == 0, "an embedded figure did not decode"
     assert seen["errors"] == 0
     assert seen["pixel_std"] > 0.05, "the screenshot is blank"
@@ -193,7 +273,7 @@ def test_observe_mode_report(tmp_path):
 def test_no_energy_csv_only_run(tmp_path):
     # energy_method none, no parquet files (only requests.csv), no traces
     make_run_dir(tmp_path / "r", energy_method="none", n_samples=4, clocks_mhz=(900.0, 1980.0),
-                 write_parquet=False, with_traces=False)
+                 parquet=False, with_traces=False)
     rc, out, err = run_main([str(tmp_path / "r"), "--n-boot", "100"])
     assert rc == 0, err
     cannot = out.split("What cannot be concluded:")[1]

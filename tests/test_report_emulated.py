@@ -166,8 +166,24 @@ def test_report_of_an_emulated_sweep_shows_the_planted_optimum(fake_gpu, clock_b
     figures = sorted(p.name for p in (rep_dir / "figures").glob("*.png"))
     assert figures == sorted(["energy_vs_clock.png", "latency_vs_clock.png", "j_per_token_vs_clock.png",
                               "pareto.png", "phase_fits.png", "power_trace.png", "feature_scatter.png",
-                              "correlation_heatmap.png"])
+                              "correlation_heatmap.png", "edp_vs_clock.png", "saving_vs_slowdown.png",
+                              "power_timeline.png"])
     n_figures = len(figures)
+    # the power timeline's numbers are the emulated trace of each cell, held sample to sample
+    pw = pd.read_parquet(run_dir / "power.parquet")
+    cells = pd.read_csv(rep_dir / "cell_power.csv")
+    shown = cells[cells["preferred"]]
+    assert set(shown["cell_id"]) == set(req["cell_id"]) and (shown["source"] == "buffer").all()
+    for _, c in shown.iterrows():
+        g = pw[(pw["cell_id"] == c["cell_id"]) & (pw["source"] == "buffer")].sort_values("t_s", kind="stable")
+        t, p = g["t_s"].to_numpy(dtype=float), g["power_w"].to_numpy(dtype=float)
+        assert c["energy_j"] == pytest.approx(float(np.sum(p[:-1] * np.diff(t))), rel=1e-9)
+        assert c["n_samples"] == len(g)
+    # EDP: the clock of the lowest median energy × median latency (the summary's medians)
+    edp = pd.read_csv(rep_dir / "edp_optima.csv")
+    products = summary["energy_j_median"] * summary["latency_s_median"]
+    assert edp["status"].tolist() == ["ok"] and edp["edp_clock_mhz"].tolist() == [float(products.idxmin())]
+    assert edp["edp_rel"].iloc[0] == pytest.approx(products.min() / products[1980.0])
     exe = find_chromium()
     if exe is None:
         pytest.skip("no chromium on PATH (install the Debian package `chromium`)")

@@ -296,6 +296,96 @@ def test_default_run_on_cpu_without_driver(no_nvml_driver, tmp_path):
     assert "E/req J" in p.stdout  # the summary table
 
 
+#: requests columns a run without a GPU cannot measure: null in the files, never a sentinel
+NOT_MEASURED_ON_CPU = ["gpu_name", "sm_mhz_observed", "mem_mhz_observed", "clock_event_reasons", "energy_j",
+                       "prefill_energy_j", "decode_energy_j", "j_per_token", "avg_power_w", "idle_power_w",
+                       "active_energy_j", "energy_j_counter"]
+
+
+def test_cpu_run_writes_nulls_with_the_schema_and_the_report_reads_them(no_nvml_driver, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from llm_dvfs.analysis.build import build_report
+    from llm_dvfs.schema import REQUEST_COLUMNS
+
+    out = tmp_path / "cpu"
+    assert main([*SMALL, "--device", "cpu", "--out", str(out), "-q"]) == 0
+    capsys.readouterr()
+    t = pq.read_table(out / "requests.parquet")
+    assert t.num_rows == 3
+    # pyarrow sees nulls where nothing was measured (and the requested clocks: observe mode) ...
+    for col in NOT_MEASURED_ON_CPU + ["sm_mhz_requested", "mem_mhz_requested", "power_limit_w_requested"]:
+        assert t.column(col).null_count == 3, col
+        assert t.column(col).to_pylist() == [None, None, None], col
+    # ... the synthetic task has no metric: no quality, and its validity is unknown (null), not False
+    for col in ("quality_metric", "quality", "quality_valid"):
+        assert t.column(col).null_count == 3, col
+    # what was measured is not null
+    for col in ("cell_id", "request_id", "tokens_in", "tokens_out", "latency_s", "ttft_s", "energy_method"):
+        assert t.column(col).null_count == 0, col
+    assert t.column("energy_method").to_pylist() == ["none"] * 3
+    # typed and documented by the schema: nullable int and bool, units and descriptions as field metadata
+    sch = t.schema
+    assert str(sch.field("clock_event_reasons").type) == "int64" and sch.field("clock_event_reasons").nullable
+    assert str(sch.field("quality_valid").type) == "bool"
+    for col, unit in (("energy_j", "J"), ("sm_mhz_observed", "MHz"), ("latency_s", "s"), ("avg_power_w", "W"),
+                      ("clock_event_reasons", "bitmask"), ("j_per_token", "J/token"), ("feat_chars", "characters")):
+        meta = sch.field(col).metadata
+        assert meta[b"unit"] == unit.encode(), col
+        assert meta[b"description"] and b"null" in meta
+    assert sch.field("energy_j").metadata[b"description"] == REQUEST_COLUMNS["energy_j"].description.encode()
+    assert sch.metadata[b"llm_dvfs.table"] == b"requests"
+    # pandas reads <NA> in nullable dtypes: no -1 (all throttle bits), no False for "unknown"
+    req = pd.read_parquet(out / "requests.parquet")
+    assert str(req["clock_event_reasons"].dtype) == "Int64" and str(req["quality_valid"].dtype) == "boolean"
+    assert str(req["energy_j"].dtype) == "Float64"
+    assert all(v is pd.NA for v in req["clock_event_reasons"]) and all(v is pd.NA for v in req["quality_valid"])
+    assert all(v is pd.NA for v in req["energy_j"]) and req[NOT_MEASURED_ON_CPU].isna().all().all()
+    ints = req.select_dtypes("Int64")
+    assert not (ints.fillna(0) < 0).any().any()
+    # the other tables and the cell parts carry the schema too
+    tok = pq.read_table(out / "tokens.parquet")
+    assert tok.num_rows == int(req["tokens_out"].sum()) and tok.column("energy_j").null_count == tok.num_rows
+    assert tok.schema.field("t_start_s").metadata[b"unit"] == b"s"
+    pw = pq.read_table(out / "power.parquet")
+    assert pw.num_rows == 0 and pw.schema.names == ["cell_id", "t_s", "device", "power_w", "source"]
+    assert pw.schema.field("power_w").metadata[b"unit"] == b"W"
+    part = next((out / "cells").glob("*.requests.parquet"))
+    assert pq.read_table(part).column("clock_event_reasons").null_count == 3
+    # the CSV copy writes nulls as empty fields
+    csv = pd.read_csv(out / "requests.csv")
+    assert csv["clock_event_reasons"].isna().all() and csv["quality_valid"].isna().all()
+    # the report renders from it and does not read the nulls as throttling or as measured values
+    rep = build_report(out, n_boot=50)
+    assert (out / "report" / "report.html").is_file()
+    assert pd.isna(rep.summary["clock_event_reasons"].iloc[0])
+    assert not any("throttling" in c for c in rep.cannot_conclude)
+    assert any("No energy was measured" in c for c in rep.cannot_conclude)
+    assert "edp_vs_clock" not in rep.figures and "power_timeline" not in rep.figures  # nothing to draw
+    assert str(rep.run.requests["clock_event_reasons"].dtype) == "Int64"
+
+
+def test_writing_a_manifest_does_not_import_torch(tmp_path):
+    """Versions come from importlib.metadata: writing a manifest in a fresh process imports no torch."""
+    import importlib.metadata
+
+    code = ("import json, sys\n"
+            "from llm_dvfs.sweep.rundir import RunDir, versions\n"
+            "rd = RunDir(sys.argv[1]); rd.create(); rd.write_manifest({'versions': versions()})\n"
+            "print(json.dumps({'torch_imported': 'torch' in sys.modules,\n"
+            "                  'transformers_imported': 'transformers' in sys.modules}))\n")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == {"torch_imported": False, "transformers_imported": False}
+    v = json.loads((tmp_path / "run" / "manifest.json").read_text())["versions"]
+    assert v["torch"] == importlib.metadata.version("torch")
+    assert v["transformers"] == importlib.metadata.version("transformers")
+    assert v["pyarrow"] == importlib.metadata.version("pyarrow") and v["scipy"] == importlib.metadata.version("scipy")
+    import torch  # this process may import it: the recorded CUDA is the build's
+    assert v["cuda"] == torch.version.cuda
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input: a clear error before any GPU work, nothing written
 # ---------------------------------------------------------------------------------------------

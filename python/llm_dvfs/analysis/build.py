@@ -6,6 +6,7 @@ CSV tables of :data:`~llm_dvfs.analysis.rundata.CSV_TABLES`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Sequence
@@ -15,12 +16,16 @@ import pandas as pd
 
 from llm_dvfs.analysis.dvfs_fit import phase_points, phase_scaling
 from llm_dvfs.analysis.feature_stats import feature_correlations, feature_regression
-from llm_dvfs.analysis.findings import cannot_conclude, findings, key_table
+from llm_dvfs.analysis.findings import cannot_conclude, edp_notes, findings, key_table, power_notes, saving_notes
 from llm_dvfs.analysis.render import render_html, render_markdown
 from llm_dvfs.analysis.rundata import CSV_TABLES, Report, RunData, load_run
 from llm_dvfs.analysis.summary import CLOCK_KEYS, default_group_keys, optimal_clocks, summarize
+from llm_dvfs.analysis.tradeoffs import cell_power, edp_optima, edp_table
 from llm_dvfs.errors import ConfigError
-from llm_dvfs.schema import feature_columns
+from llm_dvfs.schema import feature_columns, numeric_view
+
+#: Power-timeline panels drawn at most (every cell is in cell_power.csv).
+MAX_TIMELINE_CELLS = 24
 
 
 def _reference_subset(requests: pd.DataFrame, summary: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
@@ -29,7 +34,7 @@ def _reference_subset(requests: pd.DataFrame, summary: pd.DataFrame, keys: Seque
     if ref.empty:
         return requests.iloc[0:0]
     m = requests.merge(ref.assign(_ref=True), on=list(keys) + list(CLOCK_KEYS), how="left")
-    return requests[m["_ref"].fillna(False).astype(bool).to_numpy()]
+    return requests[m["_ref"].eq(True).to_numpy(dtype=bool)]  # unmatched rows: NaN, not the reference
 
 
 def _choose_request(run: RunData, summary: pd.DataFrame, keys: Sequence[str]) -> str | None:
@@ -80,7 +85,12 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, late
     figdir = out / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
 
-    req = run.requests
+    # load_run keeps the schema's nullable dtypes (what the files hold); the statistics compute on
+    # numpy floats, where a null is NaN
+    run_np = dataclasses.replace(run, requests=numeric_view(run.requests),
+                                 tokens=None if run.tokens is None else numeric_view(run.tokens),
+                                 power=None if run.power is None else numeric_view(run.power))
+    req = run_np.requests
     keys = default_group_keys(req)
     summary = summarize(req, group_keys=keys, n_boot=n_boot, seed=seed)
     optimal = optimal_clocks(summary, latency_limit=latency_limit, group_keys=keys)
@@ -92,10 +102,14 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, late
     corr_ref = feature_correlations(ref_req, group_keys=keys, per_clock=False)
     reg_ref = feature_regression(ref_req, group_keys=keys, per_clock=False)
     key = key_table(summary, optimal, keys)
+    edp = edp_table(summary, keys)
+    edp_opt = edp_optima(edp, keys)
+    cells = cell_power(run_np.power)
 
     from llm_dvfs.analysis import plots  # matplotlib only when drawing
 
     figures: dict[str, tuple[Path, str]] = {}
+    notes: dict[str, list[str]] = {}
 
     def fig(name: str, caption: str, fn, *args, **kw) -> None:
         p = figdir / f"{name}.png"
@@ -111,17 +125,30 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, late
         plots.plot_metric_vs_clock, summary, "j_per_token")
     fig("pareto", "Energy–latency trade-off per clock point; the red line is the Pareto frontier "
         "(no other point is both faster and cheaper).", plots.plot_pareto, summary)
+    if (edp_opt["status"] == "ok").any():
+        fig("edp_vs_clock", "Energy–delay product EDP = E·t and ED²P = E·t² vs SM clock per model and task, "
+            "each divided by its value at the highest clock (E: median energy per request, t: median latency).",
+            plots.plot_edp_vs_clock, edp)
+        notes["edp_vs_clock"] = edp_notes(edp_opt, keys)
+        fig("saving_vs_slowdown", "Energy saving % vs slowdown % against the highest clock, one marker per clock "
+            "point; the Pareto front is filled and joined in red.", plots.plot_saving_vs_slowdown, edp)
+        notes["saving_vs_slowdown"] = saving_notes(edp, keys)
+    if len(cells):
+        fig("power_timeline", "Power vs time of each cell (model × task × clock point × batch size), from "
+            "power.parquet; titles: time-weighted mean power and energy of the trace.",
+            plots.plot_power_timeline, run_np.power, cells, max_cells=MAX_TIMELINE_CELLS)
+        notes["power_timeline"] = power_notes(cells, MAX_TIMELINE_CELLS)
     if len(fits) and (fits["n_points"] > 1).any():
         fig("phase_fits", "Prefill (time to first token) and decode (time per token) time and average power vs "
             "clock, with the fitted models time ≈ a + b/f and power ≈ c + d·f^k.",
             plots.plot_phase_fits, ppoints, fits)
     trace_note = None
-    rid = request_id or _choose_request(run, summary, keys)
+    rid = request_id or _choose_request(run_np, summary, keys)
     if rid is not None and run.tokens is not None and run.power is not None:
         try:
             fig("power_trace", f"Power during request {rid}: prefill (orange) and decode (green) spans, token "
                 "boundaries (grey lines) and the energy attributed to each token (bottom).",
-                plots.plot_power_trace, run.power, run.tokens, rid, requests=req)
+                plots.plot_power_trace, run_np.power, run_np.tokens, rid, requests=req)
         except ValueError as e:
             if request_id is not None:
                 raise ConfigError(str(e)) from e
@@ -142,10 +169,12 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, late
     rep = Report(run=run, out_dir=out, group_keys=keys, latency_limit=latency_limit, summary=summary,
                  optimal=optimal, phase_points=ppoints, phase_fits=fits, correlations=corr, regression=reg,
                  key=key, findings=findings(summary, optimal, corr_ref, keys, latency_limit),
-                 cannot_conclude=cannot_conclude(run, summary, optimal, fits, corr, reg_ref, keys, trace_note),
-                 figures=figures, trace_request=rid if "power_trace" in figures else None, files=[])
+                 cannot_conclude=cannot_conclude(run_np, summary, optimal, fits, corr, reg_ref, keys, trace_note),
+                 figures=figures, trace_request=rid if "power_trace" in figures else None, files=[],
+                 edp=edp, edp_optima=edp_opt, cell_power=cells, figure_notes=notes)
     tables = {"key_table": key, "summary": summary, "optimal_clocks": optimal, "phase_points": ppoints,
-              "phase_fits": fits, "correlations": corr, "regression": reg}
+              "phase_fits": fits, "correlations": corr, "regression": reg, "edp": edp, "edp_optima": edp_opt,
+              "cell_power": cells}
     for name in CSV_TABLES:
         p = out / f"{name}.csv"
         tables[name].to_csv(p, index=False)

@@ -35,10 +35,14 @@ def _clean_xy(f_mhz: Iterable[float], y: Iterable[float]) -> tuple[np.ndarray, n
 
 
 def fit_time_model(f_mhz: Iterable[float], time_s: Iterable[float]) -> dict[str, Any]:
-    """Fit ``time_s ≈ a + b / f_mhz`` (a in s, b in s·MHz) by least squares (scipy curve_fit).
+    """Fit ``time_s ≈ a + b / f_mhz`` (a in s, b in s·MHz) by least squares.
+
+    The model is linear in (a, b) (regressors 1 and 1/f), so the least-squares optimum is the
+    solution of a linear problem (:func:`numpy.linalg.lstsq`); no iterative fit is needed.
 
     Returns a dict: ``a``, ``b``, ``r2``, ``rmse`` (s), ``n`` (points used), ``status``
     (``ok`` or ``not enough data: ...`` with NaN parameters when fewer than 3 distinct clocks).
+    Non-finite values and clocks <= 0 are dropped first.
     """
     f, t = _clean_xy(f_mhz, time_s)
     out: dict[str, Any] = {"a": math.nan, "b": math.nan, "r2": math.nan, "rmse": math.nan,
@@ -47,11 +51,7 @@ def fit_time_model(f_mhz: Iterable[float], time_s: Iterable[float]) -> dict[str,
         out["status"] = f"not enough data: {np.unique(f).size} distinct clocks, need >= 3"
         return out
     A = np.column_stack([np.ones_like(f), 1.0 / f])
-    p0 = np.linalg.lstsq(A, t, rcond=None)[0]
-    try:
-        (a, b), _ = optimize.curve_fit(lambda x, a, b: a + b / x, f, t, p0=p0, maxfev=10000)
-    except (RuntimeError, optimize.OptimizeWarning):  # lstsq is already the LS optimum
-        a, b = p0
+    a, b = np.linalg.lstsq(A, t, rcond=None)[0]
     out.update(a=float(a), b=float(b))
     out["r2"], out["rmse"] = _fit_quality(t, a + b / f)
     return out

@@ -59,7 +59,6 @@ def feature_correlations(requests: pd.DataFrame, *, features: Sequence[str] | No
     rows = []
     if not features or df.empty:
         return pd.DataFrame(columns=cols)
-    perm = getattr(stats, "PermutationMethod", None)  # scipy >= 1.11
     for key, g in df.groupby(keys, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
         base = dict(zip(keys, key))
@@ -81,8 +80,8 @@ def feature_correlations(requests: pd.DataFrame, *, features: Sequence[str] | No
                 elif np.ptp(y) == 0:
                     row["note"] = "constant target"
                 else:
-                    if x.size <= EXACT_P_MAX_N and perm is not None:
-                        pm = perm(n_resamples=np.inf)
+                    if x.size <= EXACT_P_MAX_N:
+                        pm = stats.PermutationMethod(n_resamples=np.inf)
                         pr = stats.pearsonr(x, y, method=pm)
                         sr = stats.pearsonr(stats.rankdata(x), stats.rankdata(y), method=pm)
                         row["p_method"] = "exact permutation"

@@ -14,7 +14,7 @@ import pandas as pd
 
 from llm_dvfs.analysis.render import fmt_num, fmt_pct, group_label, is_missing
 from llm_dvfs.analysis.rundata import RunData
-from llm_dvfs.analysis.summary import center_column
+from llm_dvfs.analysis.summary import center_column, valid_mask
 from llm_dvfs.control.clock_events import THROTTLE_MASK, throttle_labels
 from llm_dvfs.schema import feature_columns
 
@@ -170,7 +170,7 @@ def cannot_conclude(run: RunData, summary: pd.DataFrame, optimal: pd.DataFrame, 
         out.append(f"Weights are random for {', '.join(map(str, random_models))}: the quality metric is "
                    "meaningless and not reported, and output lengths and token statistics need not resemble "
                    "a trained model's, so energy per request may not transfer to real use.")
-    valid_q = req["quality_valid"].astype(bool) & req["quality"].notna()
+    valid_q = valid_mask(req["quality_valid"]) & req["quality"].notna().to_numpy(dtype=bool)
     no_q = sorted(set(req["task"].dropna()) - set(req.loc[valid_q, "task"].dropna()))
     if no_q and not random_models:
         out.append(f"No valid quality metric for task(s) {', '.join(map(str, no_q))}: whether a clock point "
@@ -266,7 +266,9 @@ def cannot_conclude(run: RunData, summary: pd.DataFrame, optimal: pd.DataFrame, 
         out.append("With batch size > 1 a request's energy is its share of the batch's energy: per-request "
                    "differences inside a batch are not measured.")
     gpus = sorted(str(g) for g in req["gpu_name"].dropna().unique())
-    out.append("All results hold for " + (", ".join(gpus) if gpus else "an unnamed GPU") + ", this driver, "
+    # gpu_name is null when no GPU was measured (a CPU run), not an unnamed GPU
+    where = ", ".join(gpus) if gpus else "this machine (no GPU was measured)"
+    out.append("All results hold for " + where + ", this driver, "
                "these models, dtypes and prompts; other GPUs or software versions can behave differently.")
     m = run.manifest
     status = m.get("status")
@@ -283,3 +285,63 @@ def cannot_conclude(run: RunData, summary: pd.DataFrame, optimal: pd.DataFrame, 
     for n in run.notes:
         out.append(n)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# how to read the trade-off figures (with their numbers)
+# --------------------------------------------------------------------------------------------
+EDP_HOWTO = ("How to read: each curve multiplies the median energy per request E by the median latency t "
+             "at each SM clock — EDP = E·t (solid), ED²P = E·t² (dashed), which weighs time more — and "
+             "divides by its value at the highest clock, so 1 is the highest clock and below 1 is better. "
+             "Energy alone favours low clocks and ED²P favours high ones; a minimum inside the range is a clock "
+             "that saves energy without giving up much speed. The ringed point is each curve's lowest.")
+SAVING_HOWTO = ("How to read: each marker is one clock point; up is energy saved against the highest clock, "
+                "right is the latency given up. The filled red points are the Pareto front: for every hollow "
+                "point some front point saves at least as much energy with no more slowdown, so only front "
+                "points are worth choosing; the steepness of the front is how much energy each percent of "
+                "slowdown buys. Points below 0 use more energy than the highest clock.")
+POWER_HOWTO = ("How to read: the raw power samples of each cell (all its requests back to back, warm-up "
+               "excluded), each held until the next as the meter integrates them; time runs from the cell's "
+               "first sample. Plateaus are steady decoding, steps between batches show the host's work in "
+               "between (tokenising, scoring). The title gives the time-weighted mean power and the energy of "
+               "the whole trace of the preferred source (buffer, then instant, then average; raw samples, "
+               "before the meter's lag shift and counter gain), which includes the time between batches and "
+               "can therefore exceed the sum of the cell's request energies (cell_power.csv has every cell).")
+
+
+def edp_notes(optima: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    """How to read the EDP figure, then per group where EDP and ED²P are lowest (from
+    :func:`llm_dvfs.analysis.tradeoffs.edp_optima`)."""
+    out = [EDP_HOWTO]
+    for _, o in optima.iterrows():
+        g = group_label(o, keys)
+        if o["status"] != "ok":
+            out.append(f"{g}: {o['status']}; no energy–delay comparison.")
+            continue
+        out.append(f"{g}: EDP is lowest at {o['edp_label']} ({fmt_num(o['edp_rel'])} × the value at "
+                   f"{o['ref_label']}); ED²P is lowest at {o['ed2p_label']} ({fmt_num(o['ed2p_rel'])} ×).")
+    return out
+
+
+def saving_notes(edp: pd.DataFrame, keys: Sequence[str], max_points: int = 6) -> list[str]:
+    """How to read the saving-vs-slowdown figure, then per group the Pareto points other than
+    the reference (from :func:`llm_dvfs.analysis.tradeoffs.edp_table`)."""
+    out = [SAVING_HOWTO]
+    if edp.empty:
+        return out
+    for _, g in edp.groupby(list(keys), dropna=False, sort=True):
+        front = g[g["pareto"].astype(bool) & ~g["is_reference"].astype(bool)].sort_values("slowdown_pct")
+        if len(g) < 2 or front.empty:
+            continue
+        pts = [f"{r['clock_label']} ({fmt_pct(r['saving_pct'], plus=False)} % saving at "
+               f"{fmt_pct(r['slowdown_pct'])} % latency)" for _, r in front.head(max_points).iterrows()]
+        out.append(f"{group_label(g.iloc[0], keys)}: Pareto front beyond the reference: " + "; ".join(pts)
+                   + (" …" if len(front) > max_points else "") + ".")
+    return out
+
+
+def power_notes(cells: pd.DataFrame, max_cells: int = 24) -> list[str]:
+    """How to read the power timeline, and how many cells it shows."""
+    n = cells["cell_id"].nunique() if len(cells) else 0
+    shown = f"It shows the first {max_cells} of {n} cells." if n > max_cells else f"It shows all {n} cell(s)."
+    return [POWER_HOWTO + " " + shown]

@@ -417,3 +417,136 @@ def plot_phase_fits(points: pd.DataFrame, fits: pd.DataFrame, *, max_groups: int
     fig.suptitle("Prefill and decode scaling with clock (points: medians per clock point; lines: fits)",
                  fontsize=11)
     return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# trade-offs (llm_dvfs.analysis.tradeoffs)
+# --------------------------------------------------------------------------------------------
+def _series_groups(df: pd.DataFrame) -> list[str]:
+    return [k for k in ("batch_size", "mem_mhz_requested", "power_limit_w_requested") if k in df.columns]
+
+
+def plot_edp_vs_clock(edp: pd.DataFrame, *, path: str | Path | None = None) -> Figure:
+    """EDP (E·t, solid) and ED²P (E·t², dashed) vs SM clock, normalised to the highest clock
+    (= 1, dotted line), one panel per model × task; series: batch size, memory clock, power
+    limit. The lowest point of each curve is ringed. Input: :func:`tradeoffs.edp_table`."""
+    pk = _panel_keys(edp)
+    groups = list(edp.groupby(pk, dropna=False, sort=True)) if len(edp) else []
+    fig, axes = _figure(len(groups))
+    skeys = _series_groups(edp)
+    labels = sorted({_series_label(edp, r) for _, r in edp.iterrows()}) if len(edp) else []
+    color_of = {lab: f"C{i % 10}" for i, lab in enumerate(labels)}
+    for ax, (key, g) in zip(axes, groups):
+        key = key if isinstance(key, tuple) else (key,)
+        ax.set_title(_label(pk, key), fontsize=10)
+        if not np.isfinite(g["edp_rel"].to_numpy(dtype=float)).any():
+            _no_data(ax, "no energy data" if len(g) > 1 or not np.isfinite(g["edp_j_s"].to_numpy(dtype=float)).any()
+                     else "one clock point")
+            continue
+        for _, s in g.groupby(skeys, dropna=False, sort=True) if skeys else [((), g)]:
+            s = s.sort_values("clock_mhz")
+            lab = _series_label(edp, s.iloc[0])
+            color = color_of.get(lab, "C0")
+            x = s["clock_mhz"].to_numpy(dtype=float)
+            for col, ls, flag, name in (("edp_rel", "-", "edp_min", "EDP"), ("ed2p_rel", "--", "ed2p_min", "ED²P")):
+                y = s[col].to_numpy(dtype=float)
+                ax.plot(x, y, ls=ls, marker="o", ms=4, lw=1.4, color=color,
+                        label=f"{name}" + (f", {lab}" if lab else ""))
+                m = s[flag].astype(bool).to_numpy()
+                if m.any():
+                    ax.plot(x[m], y[m], marker="o", ms=12, mfc="none", mec=color, mew=1.6, ls="none")
+        ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
+        ax.set_xlabel("SM clock (MHz)")
+        ax.set_ylabel("relative to the highest clock")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if not groups:
+        _no_data(axes[0])
+    fig.suptitle("Energy–delay product E·t (solid) and ED²P E·t² (dashed) vs SM clock, ÷ the highest clock's "
+                 "(◯ lowest)", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_saving_vs_slowdown(edp: pd.DataFrame, *, path: str | Path | None = None) -> Figure:
+    """Energy saving % (y) vs slowdown % (x) against the highest clock, one marker per clock point
+    (labelled with its SM clock), one panel per model × task × batch size. Pareto points (no other
+    point saves more energy with less slowdown) are filled and joined in red; dominated points
+    are hollow. Input: :func:`tradeoffs.edp_table`."""
+    gk = _group_keys(edp)
+    groups = list(edp.groupby(gk, dropna=False, sort=True)) if len(edp) else []
+    fig, axes = _figure(len(groups))
+    for ax, (key, g) in zip(axes, groups):
+        key = key if isinstance(key, tuple) else (key,)
+        ax.set_title(_label(gk, key), fontsize=10)
+        x = g["slowdown_pct"].to_numpy(dtype=float)
+        y = g["saving_pct"].to_numpy(dtype=float)
+        ok = np.isfinite(x) & np.isfinite(y)
+        if not ok.any() or len(g) < 2:
+            _no_data(ax, "one clock point" if len(g) < 2 else "no energy/latency data")
+            continue
+        par = g["pareto"].astype(bool).to_numpy() & ok
+        ax.axhline(0, color="0.5", lw=0.8)
+        ax.axvline(0, color="0.5", lw=0.8)
+        ax.plot(x[ok & ~par], y[ok & ~par], "o", ms=7, mfc="none", mec="tab:blue", mew=1.4, ls="none",
+                label="dominated")
+        order = np.argsort(x[par])
+        ax.plot(x[par][order], y[par][order], "-o", ms=7, color="tab:red", lw=1.6, label="Pareto front")
+        for xi, yi, r in zip(x[ok], y[ok], g[ok].itertuples(index=False)):
+            lab = f"{r.clock_mhz:.0f}" if np.isfinite(r.clock_mhz) else "?"
+            ax.annotate(lab + ("★" if r.is_reference else ""), (xi, yi), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("slowdown vs highest clock (%)")
+        ax.set_ylabel("energy saving vs highest clock (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if not groups:
+        _no_data(axes[0])
+    fig.suptitle("Energy saving vs slowdown per clock point (labels: SM clock in MHz, ★ reference)", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_power_timeline(power: pd.DataFrame, cells: pd.DataFrame, *, max_cells: int = 24,
+                        max_points: int = 4000, path: str | Path | None = None) -> Figure:
+    """Power vs time since the cell's first sample, one panel per cell (the first ``max_cells``
+    in run order), drawn as steps (zero-order hold) per device × source; the panel title gives
+    the cell's time-weighted mean power and energy of its preferred source (``cells`` is
+    :func:`tradeoffs.cell_power`). Traces longer than ``max_points`` samples are thinned for
+    drawing only (every n-th sample); the numbers use every sample."""
+    ids = list(dict.fromkeys(cells["cell_id"]))[:max_cells] if len(cells) else []
+    fig, axes = _figure(len(ids), ncols=3, size=(4.6, 2.6))
+    pw = power[power["cell_id"].isin(ids).to_numpy(dtype=bool, na_value=False)] if len(ids) else power.iloc[0:0]
+    pw = pd.DataFrame({"cell_id": pw["cell_id"].astype(str).to_numpy(), "device": pw["device"].astype(str).to_numpy(),
+                       "source": pw["source"].astype(str).to_numpy(),
+                       "t_s": pd.to_numeric(pw["t_s"], errors="coerce").to_numpy(dtype=float, na_value=np.nan),
+                       "power_w": pd.to_numeric(pw["power_w"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)})
+    pmax = float(np.nanmax(pw["power_w"])) if np.isfinite(pw["power_w"]).any() else 1.0
+    by_cell = dict(list(pw.groupby("cell_id", sort=False)))
+    for ax, cid in zip(axes, ids):
+        c = cells[(cells["cell_id"] == cid) & cells["preferred"].astype(bool)]
+        head = c.iloc[0] if len(c) else None
+        title = " · ".join(str(cid).split("|")[:4])
+        if head is not None:
+            e_j = float(head["energy_j"])
+            title += (f"\nmean {head['mean_power_w']:.0f} W, {e_j:.0f} J" if abs(e_j) >= 100 else
+                      f"\nmean {head['mean_power_w']:.0f} W, {e_j:.3g} J") + f" over {head['duration_s']:.2f} s"
+        ax.set_title(title, fontsize=8)
+        sub = by_cell.get(str(cid), pw.iloc[0:0])
+        t0 = float(sub["t_s"].min()) if len(sub) else 0.0
+        for (dev, src), sr in sub.groupby(["device", "source"], sort=True):
+            sr = sr.sort_values("t_s", kind="stable")
+            step = max(1, int(math.ceil(len(sr) / max_points)))
+            ax.step(sr["t_s"].to_numpy()[::step] - t0, sr["power_w"].to_numpy()[::step], where="post", lw=1.0,
+                    label=f"GPU {dev} ({src})")
+        ax.set_ylim(0, pmax * 1.08)
+        ax.set_xlabel("time since cell start (s)", fontsize=8)
+        ax.set_ylabel("power (W)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if sub["source"].nunique() > 1:
+            ax.legend(fontsize=6)
+    if not ids:
+        _no_data(axes[0], "no power samples")
+    n_all = cells["cell_id"].nunique() if len(cells) else 0
+    fig.suptitle("Power per cell" + (f" (first {len(ids)} of {n_all} cells)" if n_all > len(ids) else ""),
+                 fontsize=11)
+    return _save(fig, path)

@@ -231,6 +231,28 @@ def _reg_rows(rep: Report, reg_ref: pd.DataFrame) -> tuple[list[str], list[list[
     return head, rows
 
 
+def _edp_rows(rep: Report) -> tuple[list[str], list[list[str]]]:
+    head = [("batch" if g == "batch_size" else g) for g in rep.group_keys] + [
+        "clock points", "reference", "lowest EDP", "EDP ÷ reference", "lowest ED²P", "ED²P ÷ reference", "status"]
+    rows = []
+    for _, o in rep.edp_optima.iterrows():
+        rows.append([("–" if is_missing(o[g]) else str(o[g])) for g in rep.group_keys] + [
+            str(o["n_points"]), str(o["ref_label"] or "–"), str(o["edp_label"] or "–"), fmt_num(o["edp_rel"]),
+            str(o["ed2p_label"] or "–"), fmt_num(o["ed2p_rel"]), str(o["status"])])
+    return head, rows
+
+
+def _cell_power_rows(rep: Report, limit: int = 200) -> tuple[list[str], list[list[str]]]:
+    head = ["cell", "GPU", "source", "samples", "duration (s)", "mean power (W)", "peak power (W)", "energy (J)"]
+    c = rep.cell_power
+    if c.empty:
+        return head, []
+    rows = [[str(r["cell_id"]), "–" if is_missing(r["device"]) else str(int(r["device"])), str(r["source"]),
+             str(r["n_samples"]), fmt_num(r["duration_s"]), fmt_num(r["mean_power_w"]), fmt_num(r["peak_power_w"]),
+             fmt_num(r["energy_j"])] for _, r in c[c["preferred"].astype(bool)].head(limit).iterrows()]
+    return head, rows
+
+
 def _run_facts(rep: Report) -> list[tuple[str, str]]:
     req = rep.run.requests
     m = rep.run.manifest
@@ -258,8 +280,18 @@ def render_markdown(rep: Report, corr_ref: pd.DataFrame, reg_ref: pd.DataFrame) 
     L += ["## Figures", ""]
     for name, (p, cap) in rep.figures.items():
         L += [f"![{name}](figures/{p.name})", "", f"*{cap}*", ""]
+        for note in rep.figure_notes.get(name, []):
+            L += [note, ""]
     h, r = _optimal_rows(rep)
     L += ["## Energy-optimal clocks", "", _md_table(h, r), ""]
+    h, r = _edp_rows(rep)
+    if r:
+        L += ["## Energy–delay products", "", "EDP = E·t, ED²P = E·t² (E: median energy per request, t: median "
+              "latency), divided by the value at the highest clock (every point: edp.csv).", "", _md_table(h, r), ""]
+    h, r = _cell_power_rows(rep)
+    if r:
+        L += ["## Power per cell", "", "From power.parquet, preferred source per cell; zero-order hold.", "",
+              _md_table(h, r), ""]
     h, r = _fit_rows(rep)
     L += ["## Prefill and decode scaling", "", "time ≈ a + b/f (prefill: time to first token per request; decode: "
           "time per output token), power ≈ c + d·f^k; f in MHz.", "", _md_table(h, r), ""]
@@ -294,6 +326,7 @@ tr.limited td{background:#eef9f0}
 .scroll{overflow-x:auto}
 figure{margin:18px 0 26px}figure img{max-width:100%;border:1px solid #e4e7eb}
 figcaption{color:#59636e;font-size:13px;margin-top:4px}
+.howto{font-size:13px;line-height:1.45;max-width:1000px}.howto p{margin:6px 0}
 dl.facts{display:grid;grid-template-columns:max-content auto;gap:2px 16px;font-size:13px}
 dl.facts dt{color:#59636e}dl.facts dd{margin:0;word-break:break-all}
 pre{background:#f3f4f6;padding:10px;font-size:12px;overflow-x:auto}
@@ -344,10 +377,22 @@ def render_html(rep: Report, corr_ref: pd.DataFrame, reg_ref: pd.DataFrame) -> s
     P.append('<h2 id="figures">Figures</h2>')
     for fname, (p, cap) in rep.figures.items():
         b64 = base64.b64encode(p.read_bytes()).decode("ascii")
+        howto = "".join(f"<p>{e(n)}</p>" for n in rep.figure_notes.get(fname, []))
         P.append(f'<figure id="fig-{e(fname)}"><img alt="{e(fname)}" src="data:image/png;base64,{b64}">'
-                 f"<figcaption>{e(cap)}</figcaption></figure>")
+                 f"<figcaption>{e(cap)}</figcaption>"
+                 + (f'<div class="howto">{howto}</div>' if howto else "") + "</figure>")
     h, r = _optimal_rows(rep)
     P.append('<h2 id="optimal">Energy-optimal clocks</h2>' + _html_table(h, r, text_cols=list(range(ng)) + [len(h) - 1]))
+    h, r = _edp_rows(rep)
+    if r:
+        P.append('<h2 id="edp">Energy–delay products</h2><p class="sub">EDP = E·t, ED²P = E·t² (E: median energy per '
+                 'request, t: median latency), divided by the value at the highest clock; every clock point is in '
+                 'edp.csv.</p>' + _html_table(h, r, text_cols=list(range(ng + 5)) + [len(h) - 1]))
+    h, r = _cell_power_rows(rep)
+    if r:
+        P.append('<h2 id="cell-power">Power per cell</h2><p class="sub">From power.parquet: the preferred source of '
+                 'each cell (buffer, instant, average), each sample held until the next; every cell and source is in '
+                 'cell_power.csv.</p>' + _html_table(h, r, text_cols=[0, 2]))
     h, r = _fit_rows(rep)
     P.append('<h2 id="phases">Prefill and decode scaling</h2><p class="sub">time ≈ a + b/f (prefill: time to first '
              'token per request; decode: time per output token), power ≈ c + d·f^k, f in MHz; fitted to the medians '

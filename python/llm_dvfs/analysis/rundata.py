@@ -2,7 +2,8 @@
 
 :func:`load_run` reads a run directory written by ``python -m llm_dvfs.run`` (manifest.json,
 requests.parquet — requests.csv as a fallback —, tokens.parquet, power.parquet) and brings every
-table to the dtypes of :mod:`llm_dvfs.schema`; :class:`Report` holds what
+table to the nullable dtypes of :mod:`llm_dvfs.schema` (what was not measured is ``<NA>``);
+:class:`Report` holds what
 :func:`llm_dvfs.analysis.build.build_report` computed.
 """
 from __future__ import annotations
@@ -12,15 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from llm_dvfs.errors import DataNotFound
-from llm_dvfs.schema import SCHEMAS
+from llm_dvfs.schema import conform
 
 #: The CSV tables a report writes (``<name>.csv``), in this order.
 CSV_TABLES = ("key_table", "summary", "optimal_clocks", "phase_points", "phase_fits", "correlations",
-              "regression")
+              "regression", "edp", "edp_optima", "cell_power")
 
 
 @dataclass
@@ -36,31 +36,20 @@ class RunData:
 
 
 def _typed(df: pd.DataFrame, kind: str, notes: list[str], source: str) -> pd.DataFrame:
-    """Bring a table read from disk to the schema's dtypes; add missing columns as NA."""
-    schema = SCHEMAS[kind]
-    missing = [c for c in schema if c not in df.columns]
-    if missing:
-        notes.append(f"{source} lacks column(s) {', '.join(missing)}; treated as missing values.")
-    for col, dtype in schema.items():
-        if col not in df.columns:
-            df[col] = {"string": pd.NA, "float64": np.nan, "int64": -1, "bool": False}[dtype]
-        try:
-            if dtype == "bool":
-                v = df[col]
-                if v.dtype == object or str(v.dtype) == "string":
-                    v = v.astype("string").str.lower().isin(["true", "1"])
-                df[col] = v.fillna(False).astype(bool)
-            elif dtype == "int64":
-                df[col] = pd.to_numeric(df[col], errors="coerce").fillna(-1).astype("int64")
-            elif dtype == "float64":
-                df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
-            else:
-                df[col] = df[col].astype("string")
-        except (TypeError, ValueError):
-            notes.append(f"{source}: column {col} could not be read as {dtype}.")
-    for col in df.columns:
-        if col.startswith("feat_"):
-            df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+    """Bring a table read from disk to the schema's nullable dtypes (:func:`llm_dvfs.schema.conform`);
+    missing columns are added as null and named in ``notes``.
+
+    Run directories of format 1 (before the pyarrow schema) wrote ``clock_event_reasons = -1``
+    for "not read"; a bitmask is never negative, so a negative value is read as null here rather
+    than as "every throttle bit set".
+    """
+    df = conform(kind, df, notes, source)
+    if "clock_event_reasons" in df.columns:
+        neg = (df["clock_event_reasons"] < 0).fillna(False).to_numpy(dtype=bool)
+        if neg.any():
+            notes.append(f"{source}: {int(neg.sum())} clock_event_reasons of an older format (negative = "
+                         "not read) are treated as null.")
+            df.loc[neg, "clock_event_reasons"] = pd.NA
     return df
 
 
@@ -129,3 +118,7 @@ class Report:
     figures: dict[str, tuple[Path, str]]     # name -> (png path, caption)
     trace_request: str | None
     files: list[Path]
+    edp: pd.DataFrame = field(default_factory=pd.DataFrame)          # tradeoffs.edp_table
+    edp_optima: pd.DataFrame = field(default_factory=pd.DataFrame)   # tradeoffs.edp_optima
+    cell_power: pd.DataFrame = field(default_factory=pd.DataFrame)   # tradeoffs.cell_power
+    figure_notes: dict[str, list[str]] = field(default_factory=dict)  # name -> how to read it, numbers

@@ -1,7 +1,8 @@
 """Bootstrap confidence intervals, multiple-testing correction and seeded random streams.
 
-Pure numpy functions with no knowledge of the result tables; :mod:`llm_dvfs.analysis.summary`,
-:mod:`llm_dvfs.analysis.feature_stats` and the report build on them.
+Array functions with no knowledge of the result tables (numpy; scipy for the q-values);
+:mod:`llm_dvfs.analysis.summary`, :mod:`llm_dvfs.analysis.feature_stats` and the report build on
+them.
 """
 from __future__ import annotations
 
@@ -70,18 +71,19 @@ def median_ci(values: Iterable[float], *, n_boot: int = 2000, ci: float = 0.95,
 
 
 def bh_qvalues(p: Iterable[float]) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values (false discovery rate); NaNs stay NaN."""
+    """Benjamini–Hochberg adjusted p-values (false discovery rate) through
+    :func:`scipy.stats.false_discovery_control` (scipy >= 1.11), over the finite values; NaNs
+    (tests that could not be made) stay NaN and do not count as tests.
+
+    Raises:
+        ValueError: a finite p-value outside [0, 1].
+    """
+    # scipy here only: the summary (and the end-of-run console) import this module for the bootstrap
+    from scipy.stats import false_discovery_control
+
     p = np.asarray(list(p), dtype=float)
     q = np.full(p.shape, np.nan)
     ok = np.isfinite(p)
-    m = int(ok.sum())
-    if m == 0:
-        return q
-    pv = p[ok]
-    order = np.argsort(pv)
-    ranked = pv[order] * m / np.arange(1, m + 1)
-    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
-    res = np.empty(m)
-    res[order] = np.clip(ranked, 0, 1)
-    q[ok] = res
+    if ok.any():
+        q[ok] = false_discovery_control(p[ok], method="bh")
     return q

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from llm_dvfs.analysis.stats import bootstrap_medians, keyed_rng
+from llm_dvfs.schema import numeric_view
 
 #: Per-request metrics summarised per clock point (medians with bootstrap CIs).
 METRICS: tuple[str, ...] = (
@@ -59,6 +60,12 @@ def default_group_keys(requests: pd.DataFrame) -> list[str]:
     return keys
 
 
+def valid_mask(quality_valid: pd.Series) -> np.ndarray:
+    """Bool array: ``quality_valid`` is True. Null (nothing to judge) and False (random weights)
+    both exclude the row's quality from every statistic."""
+    return pd.Series(quality_valid).astype("boolean").fillna(False).to_numpy(dtype=bool)
+
+
 def _nan_high(s: pd.Series) -> np.ndarray:
     """Sort key where NaN ("as found" = the default setting) ranks above every number."""
     v = pd.to_numeric(s, errors="coerce").to_numpy(dtype=float)
@@ -66,14 +73,16 @@ def _nan_high(s: pd.Series) -> np.ndarray:
 
 
 def with_clock_mhz(requests: pd.DataFrame, group_keys: Sequence[str] | None = None) -> pd.DataFrame:
-    """A copy of ``requests`` with ``clock_mhz`` (MHz) and ``observe`` (bool) columns.
+    """A copy of ``requests`` with ``clock_mhz`` (MHz) and ``observe`` (bool) columns, its float
+    columns as numpy float64 (:func:`llm_dvfs.schema.numeric_view`: null → NaN), the form every
+    statistic here computes on.
 
-    ``clock_mhz`` is the requested SM clock; for observe-mode rows (requested NaN) it is the
+    ``clock_mhz`` is the requested SM clock; for observe-mode rows (requested null) it is the
     median observed SM clock of that row's group and clock point, so all rows of one clock
     point share one position on the clock axis. NaN when neither is known.
     """
     keys = list(group_keys) if group_keys is not None else default_group_keys(requests)
-    df = requests.copy(deep=False)
+    df = numeric_view(requests)
     df.attrs = {}  # pandas deep-copies attrs on every operation; metadata is not needed here
     req = pd.to_numeric(df["sm_mhz_requested"], errors="coerce").astype(float)
     obs = pd.to_numeric(df["sm_mhz_observed"], errors="coerce").astype(float)
@@ -131,7 +140,8 @@ def summarize(requests: pd.DataFrame, *, group_keys: Sequence[str] | None = None
     Returns:
         One row per group × clock point, sorted by group and descending ``clock_mhz``, with the
         group and clock columns, ``clock_mhz``, ``clock_label``, ``observe``, ``n`` (requests),
-        ``sm_mhz_observed_median/min/max``, ``clock_event_reasons`` (OR over the rows),
+        ``sm_mhz_observed_median/min/max``, ``clock_event_reasons`` (OR over the rows that read
+        it; null when none did),
         ``energy_method`` (the methods seen, joined by ``+``), and per metric ``M``:
         ``M_median`` (``quality_mean`` for quality, see :data:`CENTER`), ``M_ci_low``,
         ``M_ci_high``, ``M_n`` (finite values used), ``M_delta_pct`` (vs the reference's
@@ -145,7 +155,7 @@ def summarize(requests: pd.DataFrame, *, group_keys: Sequence[str] | None = None
     metrics = [m for m in metrics if m in requests.columns]
     df = with_clock_mhz(requests, keys)
     if "quality" in df.columns and "quality_valid" in df.columns:
-        df["quality"] = df["quality"].where(df["quality_valid"].astype(bool))
+        df["quality"] = df["quality"].where(valid_mask(df["quality_valid"]))
     pkeys = keys + list(CLOCK_KEYS)
     lo_q, hi_q = 50 * (1 - ci), 50 * (1 + ci)
 
@@ -165,8 +175,10 @@ def summarize(requests: pd.DataFrame, *, group_keys: Sequence[str] | None = None
         row["sm_mhz_observed_min"] = float(obs.min()) if obs.size else math.nan
         row["sm_mhz_observed_max"] = float(obs.max()) if obs.size else math.nan
         if "clock_event_reasons" in g.columns:
+            # null = not read (no GPU): the OR of what was read, null when nothing was
             reasons = pd.to_numeric(g["clock_event_reasons"], errors="coerce").dropna().astype("int64")
-            row["clock_event_reasons"] = int(np.bitwise_or.reduce(reasons[reasons > 0].to_numpy(), initial=0))
+            row["clock_event_reasons"] = (int(np.bitwise_or.reduce(reasons.to_numpy(), initial=0)) if len(reasons)
+                                          else pd.NA)
         if "energy_method" in g.columns:
             row["energy_method"] = "+".join(sorted(str(x) for x in g["energy_method"].dropna().unique()))
         b: dict[str, np.ndarray] = {}
@@ -239,6 +251,8 @@ def summarize(requests: pd.DataFrame, *, group_keys: Sequence[str] | None = None
                     rows[i][f"{m}_delta_pct_ci_low"] = float(q[0, j])
                     rows[i][f"{m}_delta_pct_ci_high"] = float(q[1, j])
     out = pd.DataFrame(rows)
+    if "clock_event_reasons" in out.columns:
+        out["clock_event_reasons"] = out["clock_event_reasons"].astype("Int64")
     out["pareto"] = pareto_frontier(out, group_keys=keys)
 
     for c in base_cols + metric_cols:

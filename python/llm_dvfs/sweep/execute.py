@@ -30,7 +30,7 @@ import pandas as pd
 from llm_dvfs import errors
 from llm_dvfs.control.clocks import ClockController, ClockSettleWarning, read_state
 from llm_dvfs.meter.monitor import PowerMonitor
-from llm_dvfs.schema import to_frame
+from llm_dvfs.schema import read_parquet, to_frame
 from llm_dvfs.sweep.plan import Cell, ClockPoint, Plan, TaskEntry, check_busy, new_manifest
 from llm_dvfs.sweep.rundir import RunDir, git_revision, now_iso
 
@@ -147,7 +147,7 @@ def execute(plan: Plan, *, argv: Optional[Sequence[str]] = None, quiet: bool = F
             if file_log is not None:
                 logging.getLogger("llm_dvfs").removeHandler(file_log)
                 file_log.close()
-    requests = pd.read_parquet(rd.path / "requests.parquet")
+    requests = read_parquet("requests", rd.path / "requests.parquet")
     return SweepResult(rd.path, status, cells_run, skipped, requests, plan.notes)
 
 
@@ -240,7 +240,7 @@ def _load(ctx: _CellContext, model: str) -> tuple[Any, Any]:
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, fixed_output_length=cfg.fixed_output_length,
                                   decoding=cfg.decoding, temperature=cfg.temperature, top_p=cfg.top_p,
                                   seed=cfg.seed)
-    runner = Runner(loaded, ctx.mon, settings, gpu_name=plan.gpu.name if plan.gpu is not None else "")
+    runner = Runner(loaded, ctx.mon, settings, gpu_name=plan.gpu.name if plan.gpu is not None else None)
     return loaded, runner
 
 
@@ -399,9 +399,9 @@ def _run_cell(ctx: _CellContext, cell: Cell, entry: TaskEntry, feats: pd.DataFra
         rd.last_full_consolidation = time.monotonic()
     manifest["cells_done"] = manifest.get("cells_done", 0) + 1
     rd.write_manifest(manifest)
-    e = requests["energy_j"].median() if len(requests) else math.nan
+    e = requests["energy_j"].dropna()  # null = not measured (no GPU)
     log.info("cell %d/%d done: %s (%d requests, %s, %.1f s)", cell.index + 1, len(plan.cells), cell.cell_id,
-             len(requests), "no energy" if not math.isfinite(e) else f"median energy {e:.3g} J",
+             len(requests), f"median energy {float(e.median()):.3g} J" if len(e) else "no energy",
              time.monotonic() - t0)
 
 

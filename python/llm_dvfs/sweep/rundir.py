@@ -22,10 +22,12 @@ temporary file.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import json
 import math
 import platform
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional, Protocol, Sequence
 
@@ -34,8 +36,7 @@ import pandas as pd
 
 from llm_dvfs.atomic import atomic_write_bytes, atomic_write_with
 from llm_dvfs.errors import ConfigError
-from llm_dvfs.schema import SCHEMAS, to_frame
-
+from llm_dvfs.schema import conform, empty, read_parquet, write_parquet
 
 
 class Cell(Protocol):
@@ -51,8 +52,11 @@ class Cell(Protocol):
     def key(self) -> str: ...
 
 
-#: Version of the run-directory format (``format_version`` in manifest.json).
-FORMAT_VERSION = 1
+#: Version of the run-directory format (``format_version`` in manifest.json). 2: Parquet files
+#: carry the pyarrow schema of :mod:`llm_dvfs.schema` (nulls where nothing was measured, units as
+#: field metadata); version 1 wrote -1 for an unread clock_event_reasons and False for an
+#: unknown boolean (llm_dvfs.analysis.rundata reads both).
+FORMAT_VERSION = 2
 
 
 def json_default(o: Any) -> Any:
@@ -132,17 +136,18 @@ class RunDir:
             (self.cells_dir / f"{cell.key}.{t}.parquet").is_file() for t in self.TABLES)
 
     def write_cell(self, cell: Cell, tables: Mapping[str, pd.DataFrame], info: Mapping[str, Any]) -> None:
-        """Write a finished cell: its tables first, the marker last (each atomically)."""
+        """Write a finished cell: its tables first (in the schema of :mod:`llm_dvfs.schema`), the
+        marker last (each atomically)."""
         for t in self.TABLES:
             df = tables[t]
             atomic_write_with(self.cells_dir / f"{cell.key}.{t}.parquet",
-                              lambda tmp, df=df: df.to_parquet(tmp, index=False))
+                              lambda tmp, df=df, t=t: write_parquet(t, df, tmp))
         write_json(self.marker(cell), dict(info, cell_id=cell.cell_id, key=cell.key, index=cell.index))
-        self._frames[cell.key] = dict(tables)
+        self._frames[cell.key] = {t: conform(t, tables[t]) for t in self.TABLES}
 
     def cell_tables(self, cell: Cell) -> dict[str, pd.DataFrame]:
         if cell.key not in self._frames:
-            self._frames[cell.key] = {t: pd.read_parquet(self.cells_dir / f"{cell.key}.{t}.parquet")
+            self._frames[cell.key] = {t: read_parquet(t, self.cells_dir / f"{cell.key}.{t}.parquet")
                                       for t in self.TABLES}
         return self._frames[cell.key]
 
@@ -155,10 +160,10 @@ class RunDir:
         for t in tables:
             frames = [self.cell_tables(c)[t] for c in done]
             frames = [f for f in frames if len(f)]
-            df = pd.concat(frames, ignore_index=True) if frames else to_frame(t, [])
-            if t == "requests" and frames:
-                df = _retype_requests(df)
-            atomic_write_with(self.path / f"{t}.parquet", lambda tmp, df=df: df.to_parquet(tmp, index=False))
+            # concatenation can widen dtypes (a column all-null in one part): conform brings the
+            # schema's back before writing
+            df = conform(t, pd.concat(frames, ignore_index=True)) if frames else empty(t)
+            atomic_write_with(self.path / f"{t}.parquet", lambda tmp, df=df, t=t: write_parquet(t, df, tmp))
             if t == "requests":
                 atomic_write_with(self.path / "requests.csv", lambda tmp, df=df: df.to_csv(tmp, index=False))
             counts[t] = len(df)
@@ -179,18 +184,6 @@ class RunDir:
                 except OSError:
                     pass
         return n
-
-
-def _retype_requests(df: pd.DataFrame) -> pd.DataFrame:
-    """Concatenation can widen dtypes (e.g. all-NA columns); bring the schema columns back."""
-    schema = SCHEMAS["requests"]
-    for col, dtype in schema.items():
-        if col in df.columns and str(df[col].dtype) != dtype:
-            try:
-                df[col] = df[col].astype(dtype) if dtype != "bool" else df[col].fillna(False).astype(bool)
-            except (TypeError, ValueError):
-                pass
-    return df
 
 
 # ============================================================================================
@@ -216,22 +209,53 @@ def git_revision() -> Optional[str]:
         return None
 
 
+#: Distributions whose versions the manifest records (``None`` = not installed).
+VERSIONED_PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "huggingface-hub", "numpy", "pandas",
+                      "pyarrow", "scipy", "matplotlib", "nltk", "tqdm")
+
+
+def _dist_version(name: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cuda_version() -> Optional[str]:
+    """CUDA of the torch build: ``torch.version.cuda`` when torch is already imported, else from
+    the installed distributions (a ``+cu128`` wheel tag, or the nvidia-cuda-runtime wheel that
+    the default Linux build depends on), so that reading it never imports torch."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return getattr(getattr(torch, "version", None), "cuda", None)
+    local = (_dist_version("torch") or "").partition("+")[2]
+    if local.startswith("cu") and local[2:].isdigit() and len(local) >= 5:
+        return f"{local[2:-1]}.{local[-1]}"
+    if local:  # +cpu, +rocm6.2, ...: no CUDA
+        return None
+    for name in ("nvidia-cuda-runtime-cu13", "nvidia-cuda-runtime-cu12", "nvidia-cuda-runtime-cu11",
+                 "nvidia-cuda-runtime"):
+        v = _dist_version(name)
+        if v:  # 12.4.127 -> 12.4, as torch.version.cuda spells it
+            return ".".join(v.split(".")[:2])
+    return None
+
+
 def versions() -> dict[str, Optional[str]]:
-    """Versions of llm_dvfs, Python, CUDA and the packages a run depends on (None = absent)."""
+    """Versions of llm_dvfs, Python, CUDA and the packages a run depends on (None = absent).
+
+    Read from the installed distributions' metadata (:mod:`importlib.metadata`), never by
+    importing the packages: importing torch to read a version costs seconds and memory. Never
+    raises.
+    """
     from llm_dvfs import __version__
 
     out: dict[str, Optional[str]] = {"llm_dvfs": __version__, "python": platform.python_version()}
-    for mod in ("torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "pyarrow", "nltk"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing optional package is just absent
-            out[mod] = None
-    try:
-        import torch
-        out["cuda"] = torch.version.cuda
-    except Exception:  # noqa: BLE001
-        pass
+    for name in VERSIONED_PACKAGES:
+        out[name] = _dist_version(name)
+    out["cuda"] = _cuda_version()
     return out
 
 
-__all__ = ["FORMAT_VERSION", "RunDir", "write_json", "json_default", "now_iso", "git_revision", "versions"]
+__all__ = ["FORMAT_VERSION", "VERSIONED_PACKAGES", "RunDir", "write_json", "json_default", "now_iso",
+           "git_revision", "versions"]

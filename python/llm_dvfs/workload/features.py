@@ -1,7 +1,7 @@
 """Input features of prompts: the explanatory variables of the energy and latency analysis.
 
 :func:`compute_features` returns one row per prompt with these float columns (names start with
-:data:`llm_dvfs.results.FEATURE_PREFIX`, so ``to_frame`` keeps them):
+:data:`llm_dvfs.schema.FEATURE_PREFIX`, so ``to_frame`` keeps them):
 
 ========================== =====================================================================
 column                     definition
@@ -57,12 +57,13 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from llm_dvfs import schema
 from llm_dvfs.errors import ConfigError, DataNotFound
 from llm_dvfs.schema import FEATURE_PREFIX
 
-FEATURE_COLUMNS: tuple[str, ...] = tuple(FEATURE_PREFIX + n for n in (
-    "chars", "words", "tokens", "sentences", "char_entropy_bits", "token_entropy_bits",
-    "type_token_ratio", "mean_word_len", "digit_ratio", "punct_ratio", "ne_density"))
+#: The feature columns, in order; their units and null meanings are declared in
+#: :data:`llm_dvfs.schema.FEATURE_COLUMNS`.
+FEATURE_COLUMNS: tuple[str, ...] = tuple(schema.FEATURE_COLUMNS)
 
 NER_ESTIMATORS = {
     "nltk": "nltk-maxent-ne-chunker",

@@ -295,7 +295,7 @@ class Runner:
         monitor: a started :class:`~llm_dvfs.monitor.PowerMonitor`, or None / one that is not
             ``available``: time only (``energy_method='none'``, energies NaN).
         settings: :class:`GenerationSettings`.
-        gpu_name: recorded in the ``gpu_name`` column ('' on CPU).
+        gpu_name: recorded in the ``gpu_name`` column (None, a null, when no GPU is measured).
         token_timing: mark every generation step (TTFT, TPOT, per-token rows and energy);
             False = one window per batch only (phase columns NaN).
 
@@ -304,7 +304,7 @@ class Runner:
     """
 
     def __init__(self, loaded: Any, monitor: Any = None,
-                 settings: GenerationSettings = GenerationSettings(), *, gpu_name: str = "",
+                 settings: GenerationSettings = GenerationSettings(), *, gpu_name: Optional[str] = None,
                  token_timing: bool = True) -> None:
         self.loaded = loaded
         self.monitor = monitor
@@ -529,9 +529,11 @@ class Runner:
                 "gpu_name": self.gpu_name,
                 "tokens_in": int(lengths[k]),
                 "tokens_out": int(out_lens[k]),
-                "quality_metric": metric,
+                "quality_metric": metric or None,
                 "quality": qual[k],
-                "quality_valid": bool(lm.weights == "pretrained" and metric and math.isfinite(qual[k])),
+                # null when there is no score to judge (no metric, not scored); False when the
+                # score exists but is meaningless (random weights)
+                "quality_valid": (lm.weights == "pretrained") if metric and math.isfinite(qual[k]) else None,
                 "prompt": prompts[i],
                 "output_text": texts[k],
             }
