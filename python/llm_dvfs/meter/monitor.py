@@ -111,8 +111,9 @@ class Measurement:
     """Energy and power of one window, summed over its devices.
 
     ``energy_j`` is the best estimate (source in ``energy_method``); ``energy_j_counter`` the
-    hardware counter's delta (None where a device has no counter). ``errors`` holds NVML
-    failures that happened during the window (never raised): check ``ok``.
+    hardware counter's delta (None where a device has no counter). ``errors`` holds the NVML
+    failures in force during the window, each once, also one that began before it (never
+    raised): check ``ok``.
     """
 
     name: str
@@ -250,6 +251,32 @@ class _Store:
             order = np.argsort(t, kind="stable")  # drains are in order; sort is a cheap guard
             chunks[:] = [(t[order], v[order], x[order])]
         return chunks[0]
+
+
+_NVML_ERROR_NOT_SUPPORTED = 3
+
+
+def _lane_errors(st: _Store, k: int, lo: float, hi: float) -> list[tuple[int, int, int]]:
+    """(nvmlReturn, NvmlSym index, field id) of each error episode of a lane that was in force
+    at some time in [lo, hi]. The sampler records a lane's error once when it starts and once
+    (code 0) when the lane works again, so an error that began before lo still counts. Only
+    NOT_SUPPORTED does not persist: the sampler then stops calling that lane (a fallback)."""
+    et, efield, ecode = st.get("error", k)
+    _, eaux, _ = st.get("error_aux", k)
+    in_force: dict[tuple[int, int], tuple[int, int, int]] = {}
+    during: list[tuple[int, int, int]] = []
+    for t, f, c, x in zip(et, efield, ecode, eaux):
+        if t > hi:
+            break
+        lane, code = (int(x), int(f)), int(c)
+        if t >= lo:
+            if code:
+                during.append((code, lane[0], lane[1]))
+        elif code and code != _NVML_ERROR_NOT_SUPPORTED:
+            in_force[lane] = (code, lane[0], lane[1])
+        else:
+            in_force.pop(lane, None)
+    return list(in_force.values()) + during
 
 
 class PowerMonitor:
@@ -551,13 +578,11 @@ class PowerMonitor:
         sm = _held_values(sm_t, sm_v, a, b)
         mem = _held_values(mem_t, mem_v, a, b)
         tmp = _held_values(tmp_t, tmp_v, a, b)
-        # errors reported by the sampler during the window (and a poll period around it)
-        et, _, ecode = st.get("error", k)
-        _, eaux, _ = st.get("error_aux", k)
+        # errors of the sampler's lanes in force during the window (and a poll period around it)
         margin = 2 * self._cfg["poll_period_s"] + self._cfg["buffer_period_s"]
-        sel = (et >= a - margin) & (et <= b + margin)
-        errs = [errors.from_nvml(int(c), core.nvml_symbol_name(int(x)), "reported by the sampler thread")
-                for c, x in zip(ecode[sel], eaux[sel])]
+        errs = [errors.from_nvml(c, core.nvml_symbol_name(x),
+                                 "reported by the sampler thread" + (f" for field {f}" if f else ""))
+                for c, x, f in _lane_errors(st, k, a - margin, b + margin)]
         dur = b - a
         return DeviceMeasurement(
             device=cuda_idx, energy_j=energy, energy_method=method, energy_j_counter=counter_j,
