@@ -1,6 +1,7 @@
 // Python bindings of the timeline (strong definition of bind_timeline; see bind_stubs.cpp).
-// mark() keeps the GIL: it does not block (a few µs) and releasing would cost as much as the
-// call. Everything that waits (construction, calibrate, resolve, clear) releases it.
+// mark() keeps the GIL when it does not block (a few µs; releasing would cost as much as the
+// call) and releases it when it first calibrates (a spin of ~10 µs, up to 2 s on a busy GPU).
+// Everything else that waits (construction, calibrate, resolve, clear) releases it.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -80,7 +81,13 @@ void bind_timeline(py::module_& m) {
            }),
            py::arg("mode") = "event", py::arg("reserve") = 1024,
            py::arg("auto_calibrate_s") = 5.0)
-      .def("mark", &Timeline::mark, py::arg("stream") = 0, py::arg("label") = 0,
+      .def("mark",
+           [](Timeline& t, uintptr_t stream, int32_t label) {
+             if (!t.calibration_due()) return t.mark(stream, label);
+             py::gil_scoped_release nogil;
+             return t.mark(stream, label);
+           },
+           py::arg("stream") = 0, py::arg("label") = 0,
            "Record a mark on the stream (a cudaStream_t value as int; 0 = legacy default). "
            "Returns its index.")
       .def(

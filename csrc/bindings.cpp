@@ -129,8 +129,18 @@ PYBIND11_MODULE(_core, m) {
              }
              return device_dict(d);
            })
-      .def("driver_version", [](PySession& s) { return driver_version(s.api()); })
-      .def("nvml_version", [](PySession& s) { return nvml_version(s.api()); })
+      .def("driver_version",
+           [](PySession& s) {
+             const NvmlApi& api = s.api();
+             py::gil_scoped_release nogil;  // a driver call; the string is cast after
+             return driver_version(api);
+           })
+      .def("nvml_version",
+           [](PySession& s) {
+             const NvmlApi& api = s.api();
+             py::gil_scoped_release nogil;
+             return nvml_version(api);
+           })
       .def("compute_processes", [](PySession& s, unsigned i) {
         const NvmlApi& api = s.api();
         std::vector<ProcessUse> procs;

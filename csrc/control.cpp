@@ -3,6 +3,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <memory>
+#include <mutex>
+
 #include "device.h"
 
 namespace llm_dvfs {
@@ -146,6 +149,79 @@ auto with_session(F&& fn) {
   return fn(session.api());
 }
 
+// One device's clock control on one NVML session held for the object's life: a settle loop
+// reads clock_state() every ~20 ms, and a session per call would nvmlInit/nvmlShutdown (and, as
+// the last session, dlopen/dlclose the library) each time. Calls release the GIL.
+class ClockControl {
+ public:
+  explicit ClockControl(unsigned nvml_index) : index_(nvml_index) {
+    py::gil_scoped_release nogil;
+    session_ = std::make_shared<llm_dvfs::NvmlSession>();
+  }
+  template <typename F>
+  auto call(F&& fn) {
+    py::gil_scoped_release nogil;
+    std::shared_ptr<llm_dvfs::NvmlSession> s;
+    {
+      // The call keeps its own reference: a concurrent close() cannot end the session under
+      // it, and no lock is held across the NVML call.
+      std::lock_guard<std::mutex> l(mu_);
+      s = session_;
+    }
+    if (!s) throw std::runtime_error("ClockControl is closed");
+    return fn(s->api(), index_);
+  }
+  void close() {
+    std::shared_ptr<llm_dvfs::NvmlSession> s;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      s.swap(session_);
+    }
+    py::gil_scoped_release nogil;
+    s.reset();  // nvmlShutdown when it is the last session
+  }
+  unsigned index() const { return index_; }
+
+ private:
+  unsigned index_;
+  std::mutex mu_;  // guards session_ (the pointer, not the calls)
+  std::shared_ptr<llm_dvfs::NvmlSession> session_;
+};
+
+py::dict clock_state_dict(const llm_dvfs::ClockState& s) {
+  auto mw_to_w = [](const std::optional<unsigned>& mw) -> py::object {
+    return mw ? py::cast(*mw / 1000.0) : py::object(py::none());
+  };
+  py::dict o;
+  o["sm_mhz"] = opt(s.sm_mhz);
+  o["mem_mhz"] = opt(s.mem_mhz);
+  o["graphics_mhz"] = opt(s.graphics_mhz);
+  o["app_sm_mhz"] = opt(s.app_sm_mhz);
+  o["app_mem_mhz"] = opt(s.app_mem_mhz);
+  o["power_limit_w"] = mw_to_w(s.power_limit_mw);
+  o["power_limit_default_w"] = mw_to_w(s.power_limit_default_mw);
+  o["power_limit_min_w"] = mw_to_w(s.power_limit_min_mw);
+  o["power_limit_max_w"] = mw_to_w(s.power_limit_max_mw);
+  o["power_w"] = mw_to_w(s.power_usage_mw);
+  o["temperature_c"] = opt(s.temperature_c);
+  o["clock_event_reasons"] = opt(s.clock_event_reasons);
+  return o;
+}
+
+py::dict capabilities_dict(const llm_dvfs::ControlCapabilities& c) {
+  py::dict o;
+  o["gpu_locked_clocks"] = c.gpu_locked_clocks;
+  o["mem_locked_clocks"] = c.mem_locked_clocks;
+  o["applications_clocks"] = c.applications_clocks;
+  o["power_limit"] = c.power_limit;
+  return o;
+}
+
+unsigned limit_w_to_mw(double w) {
+  if (!(w > 0.0) || w > 1e6) throw py::value_error("power limit must be in (0, 1e6] W");
+  return static_cast<unsigned>(w * 1000.0 + 0.5);
+}
+
 }  // namespace
 
 void bind_control(py::module_& m) {
@@ -188,8 +264,7 @@ void bind_control(py::module_& m) {
   m.def(
       "set_power_limit_w",
       [](unsigned i, double w) {
-        if (!(w > 0.0) || w > 1e6) throw py::value_error("power limit must be in (0, 1e6] W");
-        const unsigned mw = static_cast<unsigned>(w * 1000.0 + 0.5);
+        const unsigned mw = limit_w_to_mw(w);
         with_session([&](const NvmlApi& a) { set_power_limit_mw(a, i, mw); });
       },
       py::arg("nvml_index"), py::arg("limit_w"),
@@ -197,24 +272,8 @@ void bind_control(py::module_& m) {
   m.def(
       "clock_state",
       [](unsigned i) {
-        ClockState s = with_session([&](const NvmlApi& a) { return clock_state(a, i); });
-        auto mw_to_w = [](const std::optional<unsigned>& mw) -> py::object {
-          return mw ? py::cast(*mw / 1000.0) : py::object(py::none());
-        };
-        py::dict o;
-        o["sm_mhz"] = opt(s.sm_mhz);
-        o["mem_mhz"] = opt(s.mem_mhz);
-        o["graphics_mhz"] = opt(s.graphics_mhz);
-        o["app_sm_mhz"] = opt(s.app_sm_mhz);
-        o["app_mem_mhz"] = opt(s.app_mem_mhz);
-        o["power_limit_w"] = mw_to_w(s.power_limit_mw);
-        o["power_limit_default_w"] = mw_to_w(s.power_limit_default_mw);
-        o["power_limit_min_w"] = mw_to_w(s.power_limit_min_mw);
-        o["power_limit_max_w"] = mw_to_w(s.power_limit_max_mw);
-        o["power_w"] = mw_to_w(s.power_usage_mw);
-        o["temperature_c"] = opt(s.temperature_c);
-        o["clock_event_reasons"] = opt(s.clock_event_reasons);
-        return o;
+        return clock_state_dict(
+            with_session([&](const NvmlApi& a) { return clock_state(a, i); }));
       },
       py::arg("nvml_index"),
       "Current clocks (MHz), applications clocks, power limit and its range (W), power (W), "
@@ -222,16 +281,59 @@ void bind_control(py::module_& m) {
   m.def(
       "control_capabilities",
       [](unsigned i) {
-        ControlCapabilities c =
-            with_session([&](const NvmlApi& a) { return control_capabilities(a, i); });
-        py::dict o;
-        o["gpu_locked_clocks"] = c.gpu_locked_clocks;
-        o["mem_locked_clocks"] = c.mem_locked_clocks;
-        o["applications_clocks"] = c.applications_clocks;
-        o["power_limit"] = c.power_limit;
-        return o;
+        return capabilities_dict(
+            with_session([&](const NvmlApi& a) { return control_capabilities(a, i); }));
       },
       py::arg("nvml_index"),
       "Which setters can be attempted (symbol exported and, where a read-only probe exists, "
       "answered by the device). Permission is only known by trying.");
+
+  // The same calls on one session kept open (ClockController holds one per device).
+  py::class_<ClockControl>(m, "ClockControl",
+                           "Clock control of one device on one NVML session held until close().")
+      .def(py::init<unsigned>(), py::arg("nvml_index"))
+      .def_property_readonly("nvml_index", &ClockControl::index)
+      .def("close", &ClockControl::close)
+      .def("clock_state",
+           [](ClockControl& c) {
+             return clock_state_dict(c.call([](const NvmlApi& a, unsigned i) { return clock_state(a, i); }));
+           })
+      .def("control_capabilities",
+           [](ClockControl& c) {
+             return capabilities_dict(
+                 c.call([](const NvmlApi& a, unsigned i) { return control_capabilities(a, i); }));
+           })
+      .def("set_gpu_locked_clocks",
+           [](ClockControl& c, unsigned lo, unsigned hi) {
+             c.call([&](const NvmlApi& a, unsigned i) { set_gpu_locked_clocks(a, i, lo, hi); });
+           },
+           py::arg("min_mhz"), py::arg("max_mhz"))
+      .def("reset_gpu_locked_clocks",
+           [](ClockControl& c) {
+             c.call([](const NvmlApi& a, unsigned i) { reset_gpu_locked_clocks(a, i); });
+           })
+      .def("set_mem_locked_clocks",
+           [](ClockControl& c, unsigned lo, unsigned hi) {
+             c.call([&](const NvmlApi& a, unsigned i) { set_mem_locked_clocks(a, i, lo, hi); });
+           },
+           py::arg("min_mhz"), py::arg("max_mhz"))
+      .def("reset_mem_locked_clocks",
+           [](ClockControl& c) {
+             c.call([](const NvmlApi& a, unsigned i) { reset_mem_locked_clocks(a, i); });
+           })
+      .def("set_applications_clocks",
+           [](ClockControl& c, unsigned mem, unsigned sm) {
+             c.call([&](const NvmlApi& a, unsigned i) { set_applications_clocks(a, i, mem, sm); });
+           },
+           py::arg("mem_mhz"), py::arg("sm_mhz"))
+      .def("reset_applications_clocks",
+           [](ClockControl& c) {
+             c.call([](const NvmlApi& a, unsigned i) { reset_applications_clocks(a, i); });
+           })
+      .def("set_power_limit_w",
+           [](ClockControl& c, double w) {
+             const unsigned mw = limit_w_to_mw(w);
+             c.call([&](const NvmlApi& a, unsigned i) { set_power_limit_mw(a, i, mw); });
+           },
+           py::arg("limit_w"));
 }

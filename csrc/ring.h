@@ -48,9 +48,15 @@ class SpscRing {
     return n;
   }
 
+  // Any thread. Tail first: the acquire pairs with pop's release, after which the consumer's
+  // head read (>= that tail) happens-before ours, so by coherence head >= tail and the
+  // difference cannot wrap. Relaxed suffices for head: only its value matters. Between the two
+  // loads the producer may refill slots the consumer freed, so clamp to the capacity.
   size_t size() const {
-    return static_cast<size_t>(head_.load(std::memory_order_acquire) -
-                               tail_.load(std::memory_order_acquire));
+    const uint64_t t = tail_.load(std::memory_order_acquire);
+    const uint64_t h = head_.load(std::memory_order_relaxed);
+    const uint64_t n = h - t;
+    return static_cast<size_t>(n < buf_.size() ? n : buf_.size());
   }
   uint64_t dropped() const { return dropped_.load(std::memory_order_relaxed); }
   uint64_t pushed() const { return head_.load(std::memory_order_relaxed); }

@@ -31,7 +31,19 @@ double value_as_double(nvmlValueType_t t, const nvmlValue_t& v) {
 }
 
 // A buffer interval longer than this means samples were lost (normal spacing 7-45 ms on H100).
-constexpr int64_t kGapThresholdUs = 150000;
+constexpr int64_t kGapThresholdNs = 150000000;
+// A change of (realtime - monotonic) by more than this between drains is a step of the realtime
+// clock (settimeofday, an NTP step); slewing moves it by at most 0.5 ms/s.
+constexpr int64_t kClockStepNs = 50000000;
+// The driver stamps a sample when it is taken, so none can map after the call that returned it.
+constexpr int64_t kFutureSlackNs = 1000000;
+// Largest sample array grown on the driver's NVML_ERROR_INSUFFICIENT_SIZE (1 MiB).
+constexpr unsigned kMaxSampleBuf = 1u << 16;
+
+unsigned long long shift_us(unsigned long long us, int64_t by_ns) {
+  const int64_t v = static_cast<int64_t>(us) + by_ns / 1000;
+  return v > 0 ? static_cast<unsigned long long>(v) : 0ull;
+}
 }  // namespace
 
 int64_t monotonic_ns() { return clock_ns(CLOCK_MONOTONIC); }
@@ -42,12 +54,20 @@ PowerSampler::PowerSampler(SamplerConfig cfg)
 
 PowerSampler::~PowerSampler() { stop(); }
 
-void PowerSampler::update_offset() {
-  // Bracket the realtime read by two monotonic reads; the midpoint error is < (b - a) / 2.
-  const int64_t a = monotonic_ns();
-  const int64_t r = realtime_ns();
-  const int64_t b = monotonic_ns();
-  offset_ns_.store(r - (a + (b - a) / 2), std::memory_order_relaxed);
+int64_t PowerSampler::measure_offset() const {
+  // Bracket the realtime read by two monotonic reads; the midpoint error is < (b - a) / 2. The
+  // narrowest of three, so that a preemption inside one bracket cannot pass for a clock step.
+  int64_t best = 0, width = INT64_MAX;
+  for (int k = 0; k < 3; ++k) {
+    const int64_t a = monotonic_ns();
+    const int64_t r = realtime_ns();
+    const int64_t b = monotonic_ns();
+    if (b - a < width) {
+      width = b - a;
+      best = r - (a + (b - a) / 2);
+    }
+  }
+  return best;
 }
 
 void PowerSampler::start() {
@@ -56,10 +76,14 @@ void PowerSampler::start() {
   auto session = std::make_unique<NvmlSession>();
   const NvmlApi& api = session->api();
   std::vector<DeviceState> devs(cfg_.nvml_indices.size());
+  const int64_t offset = measure_offset();
   for (size_t i = 0; i < devs.size(); ++i) {
     devs[i].handle = device_handle(api, cfg_.nvml_indices[i]);
     // Start the buffer lane at "now": older samples belong to nobody's window.
-    devs[i].last_buffer_us = static_cast<unsigned long long>(realtime_ns() / 1000);
+    const int64_t now = monotonic_ns();
+    devs[i].last_buffer_us = static_cast<unsigned long long>((now + offset) / 1000);
+    devs[i].frame_offset_ns = offset;
+    devs[i].last_buffer_t_ns = now;
     if (!api.DeviceGetSamples) devs[i].have_buffer = false;
     if (!api.DeviceGetFieldValues) devs[i].have_fields = false;
     if (!api.DeviceGetTotalEnergyConsumption) devs[i].have_counter = false;
@@ -67,7 +91,7 @@ void PowerSampler::start() {
   }
   nvml_ = std::move(session);
   devs_ = std::move(devs);
-  update_offset();
+  offset_ns_.store(offset, std::memory_order_relaxed);
   // One counter read before any window can open, so the first window's start is bracketed.
   // This thread is the ring's producer until the sampler thread starts (thread creation
   // orders these pushes before the sampler's).
@@ -141,47 +165,118 @@ void PowerSampler::push(RecordKind k, unsigned dev, int64_t t_ns, double value, 
   ring_.push(r);
 }
 
-void PowerSampler::error(unsigned dev, int code, NvmlSym sym, int64_t t_ns) {
-  errors_.fetch_add(1, std::memory_order_relaxed);
-  DeviceState& d = devs_[dev];
-  if (d.last_error == code) return;  // report a persisting failure once, not every loop
-  d.last_error = code;
-  push(RecordKind::kError, dev, t_ns, 0.0, static_cast<uint64_t>(code),
+bool PowerSampler::lane(unsigned dev, Lane lane, int code, NvmlSym sym, int64_t t_ns,
+                        unsigned field) {
+  if (code != NVML_SUCCESS) errors_.fetch_add(1, std::memory_order_relaxed);
+  int& state = devs_[dev].lane_error[lane];
+  if (state == code) return false;  // a persisting error is state, not one record per retry
+  const bool recovered = code == NVML_SUCCESS;
+  state = code;
+  push(RecordKind::kError, dev, t_ns, field, static_cast<uint64_t>(code),
        static_cast<uint16_t>(sym));
+  return recovered;
+}
+
+int PowerSampler::get_samples(DeviceState& d, nvmlValueType_t* vt, unsigned* count) {
+  const NvmlApi& api = nvml_->api();
+  *count = static_cast<unsigned>(sample_buf_.size());
+  const int r = api.DeviceGetSamples(d.handle, NVML_TOTAL_POWER_SAMPLES, d.last_buffer_us, vt,
+                                     count, sample_buf_.data());
+  if (r != NVML_ERROR_INSUFFICIENT_SIZE) return r;
+  // The driver wants a larger array: its size query (samples == NULL) says how large. Only this
+  // thread uses the array, so it grows here (rarely, boundedly); then one retry.
+  unsigned need = 0;
+  const int q = api.DeviceGetSamples(d.handle, NVML_TOTAL_POWER_SAMPLES, d.last_buffer_us, vt,
+                                     &need, nullptr);
+  if (q == NVML_ERROR_NOT_FOUND) return q;
+  if (q != NVML_SUCCESS || need <= sample_buf_.size() || need > kMaxSampleBuf) return r;
+  sample_buf_.resize(need);
+  *count = need;
+  return api.DeviceGetSamples(d.handle, NVML_TOTAL_POWER_SAMPLES, d.last_buffer_us, vt, count,
+                              sample_buf_.data());
 }
 
 void PowerSampler::drain_buffers() {
-  const NvmlApi& api = nvml_->api();
-  update_offset();
-  const int64_t offset = offset_ns_.load(std::memory_order_relaxed);
+  const int64_t offset = measure_offset();
+  offset_ns_.store(offset, std::memory_order_relaxed);
   for (unsigned i = 0; i < devs_.size(); ++i) {
     DeviceState& d = devs_[i];
     if (!d.have_buffer) continue;
+    // Buffer stamps are host CLOCK_REALTIME µs, de-duplicated against lastSeen. After a step
+    // of that clock the driver stamps new samples in a new frame. Backwards, every new sample
+    // would look old until the clock caught up, so lastSeen moves into the new frame; the
+    // samples taken before the step then come first (the driver returns them in the order it
+    // took them), up to the first stamp that decreases, and map with the old offset.
+    // Forwards, the old samples' stamps stay below the new ones; those that would lie in the
+    // future in the old frame are the new frame's.
+    const int64_t step = offset - d.frame_offset_ns;
+    const bool back = step < -kClockStepNs, fwd = step > kClockStepNs;
+    const unsigned long long seen = d.last_buffer_us;
+    if (back) d.last_buffer_us = shift_us(seen, step);
     nvmlValueType_t vt = NVML_VALUE_TYPE_UNSIGNED_INT;
-    unsigned count = static_cast<unsigned>(sample_buf_.size());
-    int r = api.DeviceGetSamples(d.handle, NVML_TOTAL_POWER_SAMPLES, d.last_buffer_us, &vt, &count,
-                                 sample_buf_.data());
-    if (r == NVML_ERROR_NOT_FOUND) continue;  // no sample newer than last_buffer_us
-    if (r != NVML_SUCCESS) {
-      if (r == NVML_ERROR_NOT_SUPPORTED) d.have_buffer = false;
-      error(i, r, NvmlSym::DeviceGetSamples, monotonic_ns());
+    unsigned count = 0;
+    const int r = get_samples(d, &vt, &count);
+    const int64_t called = monotonic_ns();
+    if (r == NVML_ERROR_NOT_SUPPORTED) d.have_buffer = false;
+    // NOT_FOUND: no sample newer than lastSeen, the lane works.
+    lane(i, kLaneBuffer, r == NVML_ERROR_NOT_FOUND ? NVML_SUCCESS : r, NvmlSym::DeviceGetSamples,
+         called);
+    if (r != NVML_SUCCESS && r != NVML_ERROR_NOT_FOUND) {
+      d.last_buffer_us = seen;  // the step is handled at the next successful drain
       continue;
     }
-    d.last_error = 0;
+    if (r == NVML_ERROR_NOT_FOUND) count = 0;
+    // [0, cut) are samples of the frame before a step (or leftovers of it, up to stale_us).
+    unsigned cut = 0;
+    if (back) {
+      cut = count;
+      for (unsigned k = 1; k < count; ++k)
+        if (sample_buf_[k].timeStamp < sample_buf_[k - 1].timeStamp) {
+          cut = k;
+          break;
+        }
+      d.stale_us = cut > 0 ? sample_buf_[cut - 1].timeStamp : 0;
+    } else if (fwd) {
+      while (cut < count &&
+             static_cast<int64_t>(sample_buf_[cut].timeStamp) * 1000 - d.frame_offset_ns <=
+                 called + kFutureSlackNs)
+        ++cut;
+    } else if (d.stale_us != 0) {
+      // Until they leave the driver's buffer, the samples taken before a backward step are
+      // returned again ahead of the new ones; the run ends at stale_us.
+      while (cut < count && sample_buf_[cut].timeStamp != d.stale_us) ++cut;
+      if (cut == count) {
+        cut = 0;
+        d.stale_us = 0;  // gone
+      } else {
+        ++cut;
+      }
+    }
     bool first = true;
     for (unsigned k = 0; k < count; ++k) {
       const nvmlSample_t& s = sample_buf_[k];
-      if (s.timeStamp <= d.last_buffer_us) continue;  // de-duplicate by driver timestamp
-      const int64_t t = static_cast<int64_t>(s.timeStamp) * 1000 - offset;
-      if (first && d.last_buffer_us != 0 &&
-          static_cast<int64_t>(s.timeStamp - d.last_buffer_us) > kGapThresholdUs) {
-        push(RecordKind::kGap, i, t, (s.timeStamp - d.last_buffer_us) * 1e-6);
+      int64_t t;
+      if (k < cut) {
+        if (!(back || fwd) || s.timeStamp <= seen) continue;  // leftovers, or seen before
+        t = static_cast<int64_t>(s.timeStamp) * 1000 - d.frame_offset_ns;
+      } else {
+        if (s.timeStamp <= d.last_buffer_us) continue;  // de-duplicate by driver timestamp
+        d.last_buffer_us = s.timeStamp;
+        t = static_cast<int64_t>(s.timeStamp) * 1000 - offset;
       }
+      // Never out of order or in the future on the monotonic timeline, whatever the driver did.
+      if (t <= d.last_buffer_t_ns || t > called + kFutureSlackNs) continue;
+      if (first && t - d.last_buffer_t_ns > kGapThresholdNs)
+        push(RecordKind::kGap, i, t, (t - d.last_buffer_t_ns) * 1e-9);
       first = false;
       push(RecordKind::kBufferPower, i, t, value_as_double(vt, s.sampleValue) / 1000.0);
-      d.last_buffer_us = s.timeStamp;
+      d.last_buffer_t_ns = t;
       buffer_samples_.fetch_add(1, std::memory_order_relaxed);
     }
+    // lastSeen is in the new frame from now on (where no new sample came yet: the image of
+    // the last one seen, already set for a backward step).
+    if (fwd && d.last_buffer_us <= seen) d.last_buffer_us = shift_us(seen, step);
+    d.frame_offset_ns = offset;
   }
   drains_.fetch_add(1, std::memory_order_relaxed);
 }
@@ -202,28 +297,34 @@ void PowerSampler::poll() {
       fv[0].fieldId = NVML_FI_DEV_POWER_INSTANT;
       fv[1].fieldId = NVML_FI_DEV_POWER_AVERAGE;
       int r = api.DeviceGetFieldValues(d.handle, 2, fv);
+      if (r == NVML_ERROR_NOT_SUPPORTED) d.have_fields = false;
+      // After an error the lane's first value is recorded again, so that the trace shows
+      // what held when it resumed.
+      if (lane(i, kLaneFields, r, NvmlSym::DeviceGetFieldValues, t)) d.last_inst = d.last_avg = -1;
       if (r == NVML_SUCCESS) {
-        if (fv[0].nvmlReturn == NVML_SUCCESS)
+        // Per-field results: a capability error means the device lacks that field (both
+        // lacking: fall back to GetPowerUsage); any other error is that field's lane state.
+        const int r0 = fv[0].nvmlReturn, r1 = fv[1].nvmlReturn;
+        if (is_capability_error(r0) && is_capability_error(r1)) d.have_fields = false;
+        if (!is_capability_error(r0) &&
+            lane(i, kLaneInstant, r0, NvmlSym::DeviceGetFieldValues, t, NVML_FI_DEV_POWER_INSTANT))
+          d.last_inst = -1;
+        if (!is_capability_error(r1) &&
+            lane(i, kLaneAverage, r1, NvmlSym::DeviceGetFieldValues, t, NVML_FI_DEV_POWER_AVERAGE))
+          d.last_avg = -1;
+        if (r0 == NVML_SUCCESS)
           changed(RecordKind::kInstantPower, value_as_double(fv[0].valueType, fv[0].value) / 1000.0,
                   d.last_inst);
-        if (fv[1].nvmlReturn == NVML_SUCCESS)
+        if (r1 == NVML_SUCCESS)
           changed(RecordKind::kAveragePower, value_as_double(fv[1].valueType, fv[1].value) / 1000.0,
                   d.last_avg);
-        if (fv[0].nvmlReturn != NVML_SUCCESS && fv[1].nvmlReturn != NVML_SUCCESS)
-          d.have_fields = false;
-      } else {
-        if (r == NVML_ERROR_NOT_SUPPORTED) d.have_fields = false;
-        error(i, r, NvmlSym::DeviceGetFieldValues, t);
       }
     } else if (d.have_usage) {
       unsigned mw = 0;
       int r = api.DeviceGetPowerUsage(d.handle, &mw);
-      if (r == NVML_SUCCESS) {
-        changed(RecordKind::kAveragePower, mw / 1000.0, d.last_avg);
-      } else {
-        if (r == NVML_ERROR_NOT_SUPPORTED) d.have_usage = false;
-        error(i, r, NvmlSym::DeviceGetPowerUsage, t);
-      }
+      if (r == NVML_ERROR_NOT_SUPPORTED) d.have_usage = false;
+      if (lane(i, kLaneUsage, r, NvmlSym::DeviceGetPowerUsage, t)) d.last_avg = -1;
+      if (r == NVML_SUCCESS) changed(RecordKind::kAveragePower, mw / 1000.0, d.last_avg);
     }
     if (!cfg_.poll_clocks) continue;
     unsigned v = 0;
@@ -254,12 +355,9 @@ void PowerSampler::read_counters() {
     const int64_t a = monotonic_ns();
     int r = api.DeviceGetTotalEnergyConsumption(d.handle, &mj);
     const int64_t b = monotonic_ns();
-    if (r == NVML_SUCCESS) {
-      push(RecordKind::kEnergyCounter, i, a + (b - a) / 2, (b - a) * 1e-9, mj);
-    } else {
-      if (r == NVML_ERROR_NOT_SUPPORTED) d.have_counter = false;
-      error(i, r, NvmlSym::DeviceGetTotalEnergyConsumption, b);
-    }
+    if (r == NVML_ERROR_NOT_SUPPORTED) d.have_counter = false;
+    lane(i, kLaneCounter, r, NvmlSym::DeviceGetTotalEnergyConsumption, b);
+    if (r == NVML_SUCCESS) push(RecordKind::kEnergyCounter, i, a + (b - a) / 2, (b - a) * 1e-9, mj);
   }
   counter_reads_.fetch_add(1, std::memory_order_relaxed);
 }
@@ -313,7 +411,10 @@ void PowerSampler::run() {
       }
       done_cv_.notify_all();
     }
-    const int64_t wake = std::min({next_poll, next_drain, next_counter});
+    // A deferred counter read is served right after the next poll: its own (past) due time must
+    // not enter the wake-up time, or the wait would be zero and the loop would spin until then.
+    const int64_t wake = counter_deferred ? std::min(next_poll, next_drain)
+                                          : std::min({next_poll, next_drain, next_counter});
     std::unique_lock<std::mutex> l(mu_);
     cv_.wait_for(l, std::chrono::nanoseconds(std::max<int64_t>(wake - monotonic_ns(), 0)), [&] {
       return stop_requested_ || flush_requested_ > served_flush ||

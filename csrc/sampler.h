@@ -4,6 +4,8 @@
 //             only changes are stored, stamped with the poll time
 //   counter - total energy counter (slow: ~3 ms/call), on its own period, on request at window
 //             edges, and scheduled so that it never delays a due poll
+// An NVML error is lane state: one kError record when a lane's error starts or changes, one with
+// code 0 when the lane works again; the failing call is retried on the lane's schedule.
 // Every record is stamped on the host CLOCK_MONOTONIC timeline (ns). The thread never touches
 // Python; the consumer (Python, GIL released while waiting) drains the ring.
 #pragma once
@@ -30,8 +32,11 @@ enum class RecordKind : uint8_t {
   kTemperature = 5,   // value = °C
   kClockEvents = 6,   // extra = NVML clock-event reason bits
   kEnergyCounter = 7, // extra = mJ; t = midpoint of the call; value = call duration s
-  kError = 8,         // extra = nvmlReturn_t; aux = NvmlSym index of the failing call
-  kGap = 9,           // value = seconds of buffer samples that were lost
+  kError = 8,         // a lane's error state changed: extra = nvmlReturn_t (0 = the lane works
+                      // again), aux = NvmlSym index of the call, value = field id for one field
+                      // of nvmlDeviceGetFieldValues (0 for the call itself)
+  kGap = 9,           // value = seconds of buffer samples that were lost (also around a
+                      // realtime-clock step, where the buffer lane restarts)
 };
 
 struct Record {
@@ -55,6 +60,7 @@ struct SamplerConfig {
 };
 
 struct SamplerStats {
+  // errors: failed NVML calls (every retry); the ring holds one kError per state change.
   uint64_t loops = 0, drains = 0, polls = 0, counter_reads = 0, buffer_samples = 0, errors = 0;
   uint64_t dropped = 0, pushed = 0;
   double thread_cpu_s = 0.0;
@@ -88,23 +94,32 @@ class PowerSampler {
   int64_t clock_offset_ns() const { return offset_ns_.load(std::memory_order_relaxed); }
 
  private:
+  // Lanes whose NVML errors are held as state (one each per device).
+  enum Lane : int { kLaneBuffer, kLaneFields, kLaneInstant, kLaneAverage, kLaneUsage,
+                    kLaneCounter, kLaneCount };
+
   struct DeviceState {
     nvmlDevice_t handle = nullptr;
     unsigned long long last_buffer_us = 0;  // de-duplication point for the buffer lane
+    int64_t frame_offset_ns = 0;            // (realtime - monotonic) of last_buffer_us's frame
+    unsigned long long stale_us = 0;        // last stamp taken before a backward realtime step
+    int64_t last_buffer_t_ns = 0;           // monotonic time of the last buffer sample pushed
     bool have_buffer = true, have_fields = true, have_counter = true, have_usage = true;
     double last_inst = -1, last_avg = -1, last_sm = -1, last_mem = -1, last_temp = -1;
     uint64_t last_events = ~0ull;
-    int last_error = 0;
+    int lane_error[kLaneCount] = {};  // nvmlReturn_t in force per lane, 0 = working
   };
 
   void run();
   void drain_buffers();
+  int get_samples(DeviceState& d, nvmlValueType_t* vt, unsigned* count);
   void poll();
   void read_counters();
   void push(RecordKind k, unsigned dev, int64_t t_ns, double value, uint64_t extra = 0,
             uint16_t aux = 0);
-  void error(unsigned dev, int code, NvmlSym sym, int64_t t_ns);
-  void update_offset();
+  // Records lane's result: true when it changed from an error to working (re-record values).
+  bool lane(unsigned dev, Lane lane, int code, NvmlSym sym, int64_t t_ns, unsigned field = 0);
+  int64_t measure_offset() const;
 
   SamplerConfig cfg_;
   std::unique_ptr<NvmlSession> nvml_;

@@ -237,6 +237,18 @@ CUevent Timeline::take_event() {
   return e;
 }
 
+bool Timeline::calibration_due_locked(int64_t now) const {
+  return mode_ == TimelineMode::kEvent &&
+         (anchors_.empty() ||
+          now - anchors_.back().point.host_ns > static_cast<int64_t>(auto_calibrate_s_ * 1e9));
+}
+
+bool Timeline::calibration_due() const {
+  const int64_t now = monotonic_ns();
+  std::lock_guard<std::mutex> lock(mu_);
+  return calibration_due_locked(now);
+}
+
 size_t Timeline::mark(uintptr_t stream, int32_t label) {
   const int64_t now = monotonic_ns();
   std::lock_guard<std::mutex> lock(mu_);
@@ -245,9 +257,7 @@ size_t Timeline::mark(uintptr_t stream, int32_t label) {
   m.label = label;
   if (mode_ == TimelineMode::kEvent) {
     Ctx c(*this);
-    if (anchors_.empty() ||
-        now - anchors_.back().point.host_ns > static_cast<int64_t>(auto_calibrate_s_ * 1e9))
-      calibrate_locked(3);
+    if (calibration_due_locked(now)) calibrate_locked(3);
     m.event = take_event();
     const CUresult r = api_->EventRecord(m.event, reinterpret_cast<CUstream>(stream));
     if (r != CUDA_SUCCESS) {

@@ -93,6 +93,9 @@ class Timeline {
   // Returns its index. Non-blocking except for a calibration spin (~10 µs) on the first mark
   // and every auto_calibrate_s.
   size_t mark(uintptr_t stream, int32_t label);
+  // Whether the next mark() starts with a calibration (event mode: none yet, or the last is
+  // older than auto_calibrate_s), so that a caller holding a lock (the GIL) can drop it first.
+  bool calibration_due() const;
   // Event mode: take a calibration point now (best of `repeats` brackets). Other modes: a
   // point with host_ns = now and zero width.
   CalibrationPoint calibrate(int repeats = 3);
@@ -120,6 +123,7 @@ class Timeline {
   };
   struct Ctx;  // pushes the Timeline's context onto the calling thread when it is not current
 
+  bool calibration_due_locked(int64_t now) const;
   CUevent take_event();
   CalibrationPoint calibrate_locked(int repeats);
   void wait_marks_locked(double timeout_s);

@@ -12,9 +12,9 @@ Fixtures
     no_nvml_driver         function: LLM_DVFS_NVML_LIBRARY names a missing file ("no driver")
 
 Markers
-    @pytest.mark.fake_gpu(devices=1, variant="full", lag_ms=0, jitter_ms=0,
-                          cuda_visible_devices=None, cuda_order=None, device_names=None,
-                          cuda=True)   options of the fake_gpu fixture
+    @pytest.mark.fake_gpu(devices=1, variant="full", lag_ms=0, jitter_ms=0, buffer_gain=1.0,
+                          counter_period_ms=0, cuda_visible_devices=None, cuda_order=None,
+                          device_names=None, cuda=True)   options of the fake_gpu fixture
     @pytest.mark.changes_clocks   the test changes clocks / power limits: it gets fake_gpu and
                                   is skipped unless NVML is provably the emulator
     @pytest.mark.gpu              needs a real NVIDIA driver (skipped without one)
@@ -25,10 +25,11 @@ Helper
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -40,8 +41,8 @@ from fakes.fake_gpu import FakeGpu, _build_module, assert_emulated_nvml  # noqa:
 
 __all__ = ["FakeGpu", "assert_emulated_nvml"]
 
-_FAKE_GPU_OPTIONS = {"devices", "variant", "lag_ms", "jitter_ms", "cuda_visible_devices",
-                     "cuda_order", "device_names", "cuda"}
+_FAKE_GPU_OPTIONS = {"devices", "variant", "lag_ms", "jitter_ms", "buffer_gain", "counter_period_ms",
+                     "cuda_visible_devices", "cuda_order", "device_names", "cuda"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -49,8 +50,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "gpu: needs a real NVIDIA GPU and driver (skipped where there is none)",
         "native: exercises the C++ core (run again under sanitizers in CI)",
         "slow: takes more than a few seconds",
-        "fake_gpu(devices=1, variant='full', lag_ms=0, jitter_ms=0, cuda_visible_devices=None, "
-        "cuda_order=None, device_names=None, cuda=True): options of the fake_gpu fixture",
+        "fake_gpu(devices=1, variant='full', lag_ms=0, jitter_ms=0, buffer_gain=1.0, "
+        "counter_period_ms=0, cuda_visible_devices=None, cuda_order=None, device_names=None, "
+        "cuda=True): options of the fake_gpu fixture",
         "changes_clocks: changes GPU clocks or power limits; runs only against the emulated GPU",
     ):
         config.addinivalue_line("markers", line)
@@ -135,12 +137,13 @@ def fake_nvml_no_required_lib(fake_nvml_variant) -> Path:
 # -- the emulated GPU of one test ---------------------------------------------------------------
 @pytest.fixture
 def fake_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-             fake_nvml_variant, fake_cuda_variant) -> FakeGpu:
+             fake_nvml_variant, fake_cuda_variant) -> Iterator[FakeGpu]:
     """A fresh emulated H100 (or several) for this test.
 
     Sets, for this test only: LLM_DVFS_NVML_LIBRARY (the emulator), FAKE_NVML_STATE (a file in
     tmp_path, so child processes see the same GPU), FAKE_NVML_DEVICES, FAKE_NVML_LAG_MS /
-    FAKE_NVML_JITTER_MS, and CUDA_VISIBLE_DEVICES (removed unless the marker gives one, so the
+    FAKE_NVML_JITTER_MS / FAKE_NVML_BUFFER_GAIN / FAKE_NVML_COUNTER_PERIOD_MS (unset unless the
+    marker gives them), and CUDA_VISIBLE_DEVICES (removed unless the marker gives one, so the
     host's setting cannot hide the fake devices). The CUDA side: LLM_DVFS_CUDA_LIBRARY = the fake
     libcuda, whose devices are these GPUs (``cuda=False``: a missing file instead, which only
     takes effect in a process that has not loaded libcuda yet, e.g. a subprocess),
@@ -161,7 +164,9 @@ def fake_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setenv("LLM_DVFS_NVML_LIBRARY", str(lib))
     monkeypatch.setenv("FAKE_NVML_STATE", str(state))
     monkeypatch.setenv("FAKE_NVML_DEVICES", str(int(opts.get("devices", 1))))
-    for var, key in (("FAKE_NVML_LAG_MS", "lag_ms"), ("FAKE_NVML_JITTER_MS", "jitter_ms")):
+    for var, key in (("FAKE_NVML_LAG_MS", "lag_ms"), ("FAKE_NVML_JITTER_MS", "jitter_ms"),
+                     ("FAKE_NVML_BUFFER_GAIN", "buffer_gain"),
+                     ("FAKE_NVML_COUNTER_PERIOD_MS", "counter_period_ms")):
         if opts.get(key):
             monkeypatch.setenv(var, str(float(opts[key])))
         else:
@@ -182,12 +187,23 @@ def fake_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tm
     gpu = FakeGpu(lib, state, variant)
     gpu.reset()
     assert_emulated_nvml()
-    return gpu
+    yield gpu
+    _end_stray_nvml_sessions()
+
+
+def _end_stray_nvml_sessions() -> None:
+    """Collect garbage when NVML is still loaded: objects of an ended test that hold a session
+    (a ClockController kept alive by a traceback cycle, ...) would keep the library loaded, and
+    the next test's LLM_DVFS_NVML_LIBRARY would not take effect."""
+    core = sys.modules.get("llm_dvfs._core")
+    if core is not None and core.nvml_refcount() > 0:
+        gc.collect()
 
 
 @pytest.fixture
 def no_nvml_driver(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Make NVML unloadable for this test (as on a machine without the NVIDIA driver)."""
+    _end_stray_nvml_sessions()
     missing = tmp_path / "no-driver" / "libnvidia-ml.so.1"
     monkeypatch.setenv("LLM_DVFS_NVML_LIBRARY", str(missing))
     return missing

@@ -245,6 +245,28 @@ def test_settle_reports_power_cap_and_observed_clocks(gpu):
     assert gpu.locked_clocks() == (0, 0)
 
 
+def test_a_settle_loop_keeps_one_nvml_session(gpu):
+    # wait_settled reads the state every poll_s; a session per read was an nvmlInit and an
+    # nvmlShutdown each time (and a dlopen/dlclose of the library as the last session).
+    from llm_dvfs import _core
+    gpu.set_power_w(1200.0)  # capped below 1980 MHz: the loop polls until its timeout
+    ctl = ld.ClockController(0)
+    inits, shutdowns = gpu.call_count("nvmlInit"), gpu.call_count("nvmlShutdown")
+    reads = gpu.call_count("nvmlDeviceGetPowerManagementLimitConstraints")  # one per state read
+    with pytest.warns(clocks.ClockSettleWarning):
+        r = ctl.wait_settled(1980, timeout_s=0.3, poll_s=0.01)
+    assert not r.settled and r.observed_sm_mhz < 1980
+    assert ctl.capabilities()["gpu_locked_clocks"] and ctl.state().power_limit_w == 700.0
+    n_reads = gpu.call_count("nvmlDeviceGetPowerManagementLimitConstraints") - reads
+    assert n_reads >= 10
+    assert gpu.call_count("nvmlInit") - inits == 1  # the controller's session, once
+    assert gpu.call_count("nvmlShutdown") == shutdowns and _core.nvml_refcount() == 1
+    ctl.close()
+    assert gpu.call_count("nvmlShutdown") == shutdowns + 1 and _core.nvml_refcount() == 0
+    assert ctl.state().sm_mhz < 1980  # reopened on use
+    ctl.close()
+
+
 def test_capabilities_and_state(gpu):
     ctl = ld.ClockController(0)
     assert ctl.capabilities() == {"gpu_locked_clocks": True, "mem_locked_clocks": True,

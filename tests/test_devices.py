@@ -369,3 +369,38 @@ def test_old_and_enumeration_less_drivers(fake_gpu, fake_cuda_variant):
 def test_order_source_is_none_without_a_driver(no_nvml_driver):
     from llm_dvfs.devices import order_source
     assert ld.devices() == [] and order_source() is None
+
+
+@pytest.mark.parametrize("call", ["driver_version", "nvml_version"])
+def test_version_queries_let_other_python_threads_run(fake_gpu, call):
+    import threading
+    import time
+    from llm_dvfs import _core
+    fn = {"driver_version": "nvmlSystemGetDriverVersion", "nvml_version": "nvmlSystemGetNVMLVersion"}
+    fake_gpu.set_latency_ms(fn[call], 300)  # a slow driver call
+    ran, stop = [], threading.Event()
+
+    def spin():  # notes the time every ~10 ms that it gets to run
+        last = 0.0
+        while not stop.is_set():
+            now = time.monotonic()
+            if now - last >= 0.01:
+                ran.append(now)
+                last = now
+
+    with _core.Session() as s:
+        th = threading.Thread(target=spin)
+        th.start()
+        try:
+            time.sleep(0.05)
+            t0 = time.monotonic()
+            v = getattr(s, call)()
+            t1 = time.monotonic()
+        finally:
+            stop.set()
+            th.join()
+    assert v == {"driver_version": "580.159.04", "nvml_version": "12.580.159.04"}[call]
+    assert t1 - t0 >= 0.3
+    # the other thread ran all through the call: the GIL was released
+    during = [t for t in ran if t0 + 0.02 <= t <= t1 - 0.02]
+    assert len(during) >= 10, (t0, t1, ran)

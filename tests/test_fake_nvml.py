@@ -2,8 +2,9 @@
 
 These tests pin what the package's tests rely on: the exported ABI of every build variant, the
 H100 tables and size protocols, the 20 ms / 120-entry sample buffer, the 100 ms fields, an energy
-counter equal to the exact integral of the scripted trace, power that follows the locked clock
-and the power cap, failure injection, and state shared between processes and threads.
+counter equal to the exact integral of the scripted trace (or held on a 100 ms grid), a buffer
+gain, realtime-clock steps, power that follows the locked clock and the power cap, failure
+injection, and state shared between processes and threads.
 """
 from __future__ import annotations
 
@@ -467,6 +468,133 @@ def test_jitter_is_deterministic_and_keeps_order(fake_gpu, nvml):
     assert s2[: len(s1)] == s1  # same timestamps on every read
     gaps = [b - a for (a, _), (b, _) in zip(s1, s1[1:])]
     assert all(14000 <= g <= 26000 for g in gaps) and len(set(gaps)) > 5
+
+
+def test_buffer_gain_scales_the_buffer_only(fake_gpu, nvml):
+    h = nvml.handle()
+    fake_gpu.set_buffer_gain(1.01)
+    start = fake_gpu.set_trace([0.0], [500.0])  # a fresh grid: every new sample is at the new gain
+    time.sleep(0.25)
+    grid = _new_grid(nvml.samples(h)[2], start)
+    assert len(grid) >= 10 and {w for _, w in grid} == {505.0}  # 500 W true, read 1 % high
+    r, (inst,) = nvml.fields(h, NVML_FI_DEV_POWER_INSTANT)
+    assert inst.value.uiVal == 500000  # fields stay exact
+    t_a0 = time.time(); e_a = nvml.energy_mj(h); t_a1 = time.time()
+    time.sleep(0.1)
+    t_b0 = time.time(); e_b = nvml.energy_mj(h); t_b1 = time.time()
+    # the counter integrates the true 500 W, not the buffer's 505 W
+    assert fake_gpu.energy_between(t_a1, t_b0) * 1000 - 1 <= e_b - e_a <= \
+        fake_gpu.energy_between(t_a0, t_b1) * 1000 + 1
+    assert (e_b - e_a) / 1000 / (t_b1 - t_a0) <= 500.0 + 1e-6
+    # history is not rewritten: samples taken before a change keep their gain
+    t_change = time.time()
+    fake_gpu.set_buffer_gain(0.99)
+    time.sleep(0.1)
+    s = nvml.samples(h, last_seen=round((t_change - 0.1) * 1e6))[2]
+    before = {v / 1000 for t, v in s if t < t_change * 1e6}
+    after = {v / 1000 for t, v in s if t > t_change * 1e6 + 1}
+    assert before == {505.0} and after == {495.0}
+    for bad in (0.0, -1.0, float("nan"), 11.0):
+        with pytest.raises(FakeControlError):
+            fake_gpu.set_buffer_gain(bad)
+
+
+@pytest.mark.fake_gpu(buffer_gain=0.98)
+def test_buffer_gain_from_the_environment(fake_gpu, nvml):
+    start = fake_gpu.set_trace([0.0], [400.0])
+    time.sleep(0.1)
+    assert {w for _, w in _new_grid(nvml.samples(nvml.handle())[2], start)} == {392.0}
+
+
+def _counter_series(nvml, h, seconds: float) -> list[tuple[float, float, int]]:
+    """(time before, time after, mJ) of back-to-back counter reads for `seconds`."""
+    out, end = [], time.time() + seconds
+    while time.time() < end:
+        t0 = time.time(); e = nvml.energy_mj(h); t1 = time.time()
+        out.append((t0, t1, e))
+        time.sleep(0.001)
+    return out
+
+
+def test_counter_period_holds_the_integral_to_the_last_boundary(fake_gpu, nvml):
+    h = nvml.handle()
+    fake_gpu.set_power_w(400.0)
+    exact = _counter_series(nvml, h, 0.05)  # period 0: it moves with every read (~0.4 J/ms)
+    assert len({e for *_, e in exact}) >= 0.5 * len(exact)
+    fake_gpu.set_counter_period_ms(100)
+    time.sleep(0.15)  # every boundary from here on closes a whole 100 ms period at 400 W
+    series = _counter_series(nvml, h, 0.45)
+    values = [e for *_, e in series]
+    steps = [(i, b - a) for i, (a, b) in enumerate(zip(values, values[1:]), 1) if b != a]
+    assert 4 <= len(steps) <= 5  # one change per 100 ms
+    for _, de in steps:
+        assert de == pytest.approx(400 * 0.1 * 1000, abs=2)  # 40 J per period, mJ floor
+    # changes are 100 ms apart (the grid), and the value lags the exact integral by < 100 ms
+    change_t = [series[i][1] for i, _ in steps]
+    for a, b in zip(change_t, change_t[1:]):
+        assert b - a == pytest.approx(0.1, abs=0.01)
+    # each read is the exact integral at a boundary b within the last 100 ms: relative to the
+    # first change (boundary b0 after the previous read started and before this one ended),
+    # E(b) - E(b0) lies between E(t0 - 0.1) - E(b0_max) and E(t1) - E(b0_min)
+    i0 = steps[0][0]
+    b0_min, b0_max, e_ref = series[i0 - 1][0], series[i0][1], series[i0][2]
+    for t0, t1, e in series[i0:]:
+        lo = fake_gpu.energy_between(b0_max, t0 - 0.1) * 1000 - 2
+        hi = fake_gpu.energy_between(b0_min, t1) * 1000 + 2
+        assert lo <= e - e_ref <= hi
+    fake_gpu.set_counter_period_ms(0)
+    values = [e for *_, e in _counter_series(nvml, h, 0.03)]
+    assert len(set(values)) >= 0.5 * len(values)
+    with pytest.raises(FakeControlError):
+        fake_gpu.set_counter_period_ms(10001)
+
+
+@pytest.mark.fake_gpu(counter_period_ms=100)
+def test_counter_period_from_the_environment(fake_gpu, nvml):
+    values = [e for *_, e in _counter_series(nvml, nvml.handle(), 0.25)]
+    assert 2 <= len(set(values)) <= 4
+
+
+def test_samples_min_count_follows_nvmls_size_protocol(fake_gpu, nvml):
+    h = nvml.handle()
+    fake_gpu.set_samples_min_count(256)
+    vt, n = ctypes.c_int(), ctypes.c_uint(0)
+    assert nvml.nvmlDeviceGetSamples(h, 0, 0, ctypes.byref(vt), ctypes.byref(n), None) == NVML_SUCCESS
+    assert n.value == 256  # the size query names what to allocate
+    buf, n = (Sample * 200)(), ctypes.c_uint(200)
+    assert nvml.nvmlDeviceGetSamples(h, 0, 0, ctypes.byref(vt), ctypes.byref(n), buf) == \
+        NVML_ERROR_INSUFFICIENT_SIZE
+    assert n.value == 256
+    r, _, s = nvml.samples(h, cap=256)
+    assert r == NVML_SUCCESS and len(s) == 120
+    fake_gpu.set_samples_min_count(0)
+    assert nvml.samples(h, cap=5)[0] == NVML_SUCCESS
+    with pytest.raises(FakeControlError):
+        fake_gpu.set_samples_min_count(65537)
+
+
+def test_realtime_offset_stamps_later_samples_and_fields(fake_gpu, nvml):
+    h = nvml.handle()
+    _, _, before = nvml.samples(h)
+    t_step = time.time()
+    fake_gpu.set_realtime_offset_us(-5_000_000)  # the driver's realtime clock stepped back 5 s
+    time.sleep(0.2)
+    _, _, s = nvml.samples(h)  # the whole buffer, in the order the samples were taken
+    old = [t for t, _ in s if t > t_step * 1e6 - 3e6]  # stamped before the step: unchanged
+    new = [t for t, _ in s if t < t_step * 1e6 - 3e6]  # taken after it: 5 s earlier stamps
+    assert len(s) == 120 and [t for t, _ in s] == old + new
+    assert old == [t for t, _ in before][-len(old):]
+    assert len(new) >= 8 and all(b - a == 20000 for a, b in zip(new, new[1:]))
+    assert abs(new[-1] - (time.time() - 5.0) * 1e6) < 40000
+    # lastSeen of the old frame hides every new sample: what the sampler must cope with
+    r, _, hidden = nvml.samples(h, last_seen=before[-1][0])
+    assert r == NVML_ERROR_NOT_FOUND and hidden == []
+    got = [t for t, _ in nvml.samples(h, last_seen=new[2])[2]]  # old stamps all exceed new[2]
+    assert all(t > new[2] for t in got) and got[0] > t_step * 1e6 - 3e6
+    assert [t for t in got if t < t_step * 1e6 - 3e6][:3] == new[3:6]
+    r, (inst,) = nvml.fields(h, NVML_FI_DEV_POWER_INSTANT)
+    assert abs(inst.timestamp - (time.time() - 5.0) * 1e6) < 50000
+    assert fake_gpu.energy_between(t_step, t_step + 0.1) == pytest.approx(30.0, abs=1e-3)
 
 
 # -- fields ---------------------------------------------------------------------------------------

@@ -172,6 +172,29 @@ def test_injected_error_surfaces_on_the_window_and_falls_back(fake_gpu):
     assert m.energy_j == pytest.approx(250.0 * m.duration_s, rel=0.05)
 
 
+def test_an_error_in_force_is_on_every_window_once_and_clears(fake_gpu):
+    # The sampler records a lane's error when it starts and when it clears: a window opened
+    # while it persists still carries it (once), a window after it clears is clean.
+    fake_gpu.set_power_w(250.0)
+    with ld.PowerMonitor(devices=[0], buffer_period_s=0.01, poll_period_s=0.01) as mon:
+        fake_gpu.fail("nvmlDeviceGetFieldValues", 15, -1)
+        time.sleep(0.5)  # the error starts long before the window
+        with mon.window("during") as w1:
+            time.sleep(0.3)
+        m1 = w1.measurement()
+        fake_gpu.clear_failures()
+        time.sleep(0.2)
+        with mon.window("after") as w2:
+            time.sleep(0.2)
+        m2 = w2.measurement()
+        failed_calls = mon.stats()["errors"]
+    lost = [e for e in m1.errors if e.function == "nvmlDeviceGetFieldValues"]
+    assert len(lost) == 1 and isinstance(lost[0], errors.GpuLost) and not m1.ok
+    assert failed_calls >= 50  # retried all along
+    assert m2.errors == [] and m2.ok
+    assert m2.energy_j == pytest.approx(250.0 * m2.duration_s, rel=0.02)
+
+
 def test_fallback_to_average_without_buffer_fields_counter(monkeypatch, fake_gpu, fake_nvml_variant):
     monkeypatch.setenv("LLM_DVFS_NVML_LIBRARY", str(fake_nvml_variant("minimal")))
     fake_gpu.set_power_w(300.0)

@@ -89,6 +89,10 @@ _CONTROLS = {
     "fake_nvml_set_permission": (ctypes.c_int, [ctypes.c_int]),
     "fake_nvml_set_lag_ms": (ctypes.c_int, [_D]),
     "fake_nvml_set_jitter_ms": (ctypes.c_int, [_D]),
+    "fake_nvml_set_buffer_gain": (ctypes.c_int, [_U, _D]),
+    "fake_nvml_set_counter_period_ms": (ctypes.c_int, [_U, _U]),
+    "fake_nvml_set_samples_min_count": (ctypes.c_int, [_U]),
+    "fake_nvml_set_realtime_offset_us": (ctypes.c_int, [ctypes.c_longlong]),
     "fake_nvml_get_locked_clocks": (ctypes.c_int, [_U, _PU, _PU]),
     "fake_nvml_get_mem_locked_clocks": (ctypes.c_int, [_U, _PU, _PU]),
     "fake_nvml_get_app_clocks": (ctypes.c_int, [_U, _PU, _PU]),
@@ -150,7 +154,8 @@ class FakeGpu:
     def reset(self) -> None:
         """Fresh GPU state: 300 W base, no locks, default limits, no failures, counters zeroed.
 
-        Re-reads FAKE_NVML_DEVICES, FAKE_NVML_LAG_MS and FAKE_NVML_JITTER_MS. Does not touch
+        Re-reads FAKE_NVML_DEVICES, FAKE_NVML_LAG_MS, FAKE_NVML_JITTER_MS,
+        FAKE_NVML_BUFFER_GAIN and FAKE_NVML_COUNTER_PERIOD_MS. Does not touch
         the per-process nvmlInit refcount.
         """
         self._check("fake_nvml_reset", self.lib.fake_nvml_reset())
@@ -211,6 +216,30 @@ class FakeGpu:
     def set_jitter_ms(self, ms: float) -> None:
         """Deterministic +-jitter of buffer sample timestamps (0-9 ms)."""
         self._check("fake_nvml_set_jitter_ms", self.lib.fake_nvml_set_jitter_ms(ms))
+
+    def set_buffer_gain(self, gain: float, device: int = 0) -> None:
+        """Sample-buffer values are the true power times ``gain`` (in (0, 10]) from now on;
+        fields and the energy counter stay exact. Real H200 buffers read up to ~1 % off."""
+        self._check("fake_nvml_set_buffer_gain", self.lib.fake_nvml_set_buffer_gain(device, gain))
+
+    def set_counter_period_ms(self, ms: int, device: int = 0) -> None:
+        """The energy counter holds the exact integral up to the last multiple of ``ms`` (grid
+        anchored at the reset, like the fields'); 0 = exact at every call, at most 10000."""
+        self._check("fake_nvml_set_counter_period_ms",
+                    self.lib.fake_nvml_set_counter_period_ms(device, int(ms)))
+
+    def set_samples_min_count(self, count: int) -> None:
+        """nvmlDeviceGetSamples answers an array of fewer than ``count`` samples with
+        NVML_ERROR_INSUFFICIENT_SIZE and its size query with at least ``count`` (0 = off)."""
+        self._check("fake_nvml_set_samples_min_count",
+                    self.lib.fake_nvml_set_samples_min_count(int(count)))
+
+    def set_realtime_offset_us(self, offset_us: int) -> None:
+        """The emulated driver's CLOCK_REALTIME is ``offset_us`` off the model's from now on (a
+        host clock step as the driver sees it): later buffer stamps and field timestamps carry
+        it. The process under test must step its own realtime clock the same way."""
+        self._check("fake_nvml_set_realtime_offset_us",
+                    self.lib.fake_nvml_set_realtime_offset_us(int(offset_us)))
 
     # ---- failures, latency, counters ---------------------------------------------------------
     def fail(self, function: str, code: int, count: int = 1) -> None:

@@ -48,20 +48,28 @@
  * 20 ms on a grid anchored at the start of the current trace (each fake_nvml_set_trace call, and
  * the reset, starts a new grid; fake_nvml_set_power_w keeps the grid), optionally shifted by a
  * deterministic +-jitter (fake_nvml_set_jitter_ms / FAKE_NVML_JITTER_MS, < 10 ms). A sample's
- * timestamp is its CLOCK_REALTIME time in µs, its value the true power (mW, unsigned int) at
- * (timestamp - lag). Only the latest 120 samples with timestamp <= now are retrievable.
+ * timestamp is its CLOCK_REALTIME time in µs (plus the driver's realtime offset in force when it
+ * was taken: fake_nvml_set_realtime_offset_us imitates a step of the host clock), its value the
+ * true power (mW, unsigned int) at (sample time - lag) times the buffer gain of that time
+ * (fake_nvml_set_buffer_gain / FAKE_NVML_BUFFER_GAIN, default 1). Only the latest 120 samples
+ * taken at or before now are retrievable, returned oldest first in the order taken. With
+ * fake_nvml_set_samples_min_count an array below that size gets NVML_ERROR_INSUFFICIENT_SIZE.
  *
  * Fields: NVML_FI_DEV_POWER_INSTANT (186) is the true power at the last 100 ms boundary (minus the
  * lag), NVML_FI_DEV_POWER_AVERAGE (185) and nvmlDeviceGetPowerUsage the exact 1 s mean of the true
  * power ending there. The 100 ms grid is anchored at the reset. Field timestamps are the query
  * time. Lag (fake_nvml_set_lag_ms / FAKE_NVML_LAG_MS, default 0) delays buffer and fields only,
- * never the energy counter. Temperature = 40 + 30 * min(1, average / 700 W) °C.
+ * never the energy counter. With a counter period (fake_nvml_set_counter_period_ms /
+ * FAKE_NVML_COUNTER_PERIOD_MS, default 0 = exact) the counter holds the integral up to the last
+ * multiple of the period on the 100 ms grid's anchor. Temperature = 40 + 30 * min(1, average /
+ * 700 W) °C.
  *
  * State: one file (FAKE_NVML_STATE, default /tmp/fake_nvml_state.<uid>) mmap'ed MAP_SHARED, so
  * every process (and every loaded variant) sees the same GPUs; a robust process-shared mutex
  * guards it (a process killed while holding it does not wedge the others). The file is
- * (re)initialised when missing or of another layout. FAKE_NVML_LAG_MS and FAKE_NVML_JITTER_MS are
- * read when it is initialised and by fake_nvml_reset. The device count (max 8) is the caller's
+ * (re)initialised when missing or of another layout. FAKE_NVML_LAG_MS, FAKE_NVML_JITTER_MS,
+ * FAKE_NVML_BUFFER_GAIN and FAKE_NVML_COUNTER_PERIOD_MS are read when it is initialised and by
+ * fake_nvml_reset. The device count (max 8) is the caller's
  * FAKE_NVML_DEVICES at each call, or when unset the value stored at initialisation/reset (1).
  * Device i's UUID is GPU-fa4e0000-0000-0000-0000-00000000000i (valid hex: fake_cuda.c reports the
  * same bytes through cuDeviceGetUuid); its name is FAKE_NAME unless FAKE_NVML_DEVICE_NAMES (a
@@ -231,6 +239,9 @@ extern "C" {
 #define FAKE_ANCH_CAP 512      /* sample-grid anchors kept per device */
 #define FAKE_MAX_PROCS 64
 #define FAKE_MAX_FIELD_FAILS 8
+#define FAKE_MAX_RT_STEPS 16   /* realtime-clock steps remembered for stamping samples */
+#define FAKE_MAX_MIN_COUNT 65536u
+#define FAKE_MAX_COUNTER_PERIOD_MS 10000u
 #define FAKE_BUF_SAMPLES 120
 #define FAKE_SAMPLE_NS 20000000LL
 #define FAKE_FIELD_NS 100000000LL
@@ -261,7 +272,7 @@ extern "C" {
 #define FAKE_DRIVER_VERSION "580.159.04"
 #define FAKE_NVML_VERSION "12.580.159.04"
 #define FAKE_MAGIC 0x4c4d564e454b4146ULL /* "FAKENVML" */
-#define FAKE_LAYOUT_VERSION 4u
+#define FAKE_LAYOUT_VERSION 5u
 
 /* Canonical NVML functions (one per X-macro member): failure injection, latency and call counts
  * are keyed by these, so both versioned names of one function share them. */
@@ -363,6 +374,7 @@ typedef struct {
   double base_w;  /* scripted base power (at 1980 MHz) */
   double p_w;     /* true power after the clock model and the power cap */
   double e_j;     /* cumulative energy at t_ns, J since the arbitrary epoch */
+  double gain;    /* buffer gain in force: buffer values are p_w * gain */
   uint32_t f_mhz; /* SM clock the GPU runs at (after power-cap throttling) */
   uint32_t capped;
 } fake_seg_t;
@@ -375,7 +387,9 @@ typedef struct {
   uint32_t nproc;
   uint32_t pids[FAKE_MAX_PROCS];
   double idle_w;
-  int64_t grid100_ns;     /* anchor of the 100 ms field-update grid */
+  double buffer_gain;        /* sample-buffer values / true power, from now on */
+  int64_t counter_period_ns; /* energy-counter update period, 0 = exact at every call */
+  int64_t grid100_ns;     /* anchor of the 100 ms field-update grid (and the counter's grid) */
   int64_t trace_start_ns; /* last set_trace / set_power_w */
   uint32_t nseg, seg_pruned;
   uint32_t nanch, anch_pruned;
@@ -404,6 +418,12 @@ typedef struct {
   int32_t pad1;
   int64_t lag_ns;
   int64_t jitter_ns;
+  uint32_t samples_min_count; /* GetSamples needs an array of at least this many (0 = any) */
+  uint32_t nsteps;            /* entries of rt_step */
+  struct {
+    int64_t t_ns;      /* model time of the step */
+    int64_t offset_ns; /* driver realtime - model time from t_ns on */
+  } rt_step[FAKE_MAX_RT_STEPS];
   int32_t fail_code[FN_COUNT];
   int32_t fail_left[FN_COUNT]; /* -1 = forever */
   uint32_t latency_us[FN_COUNT];
@@ -525,6 +545,19 @@ static int64_t clamp_jitter_ns(double ms) {
   return ms_to_ns(ms);
 }
 
+/* A buffer gain the emulator accepts: finite, in (0, 10]. */
+static int gain_ok(double g) { return isfinite(g) && g > 0 && g <= 10.0; }
+static double env_gain(void) {
+  double g = env_double("FAKE_NVML_BUFFER_GAIN", 1.0);
+  return gain_ok(g) ? g : 1.0;
+}
+static int64_t env_counter_period_ns(void) {
+  double ms = env_double("FAKE_NVML_COUNTER_PERIOD_MS", 0.0);
+  if (!(ms >= 1.0)) return 0;
+  if (ms > FAKE_MAX_COUNTER_PERIOD_MS) ms = FAKE_MAX_COUNTER_PERIOD_MS;
+  return (int64_t)floor(ms) * 1000000LL;
+}
+
 static int64_t clamp_lag_ns(double ms) {
   if (!(ms > 0)) return 0;
   if (ms > 2000.0) ms = 2000.0;
@@ -579,6 +612,7 @@ static unsigned requested_sm(const fake_dev_t *d) {
 }
 static void eval_seg(const fake_dev_t *d, fake_seg_t *s) {
   unsigned f = requested_sm(d);
+  s->gain = d->buffer_gain;
   double lim = d->limit_mw / 1000.0;
   double p = model_power(s->base_w, d->idle_w, f);
   if (p > lim) {
@@ -750,7 +784,16 @@ static int64_t sample_jitter_ns(int64_t anchor, int64_t j, int64_t jitter_ns) {
   return ((int64_t)(h % (uint64_t)(2 * jit_us + 1)) - jit_us) * 1000;
 }
 
-/* The newest (up to) FAKE_BUF_SAMPLES samples with timestamp <= now, newest first. */
+/* Driver realtime minus model time at model time t: the realtime-clock step in force then. */
+static int64_t rt_offset_at(const fake_shared_t *sh, int64_t t) {
+  int64_t off = 0;
+  for (uint32_t k = 0; k < sh->nsteps && sh->rt_step[k].t_ns <= t; ++k) off = sh->rt_step[k].offset_ns;
+  return off;
+}
+
+/* The newest (up to) FAKE_BUF_SAMPLES samples taken at or before now, newest first (in the order
+ * they were taken). ts_us is the stamp the driver gave each: its realtime clock at that moment,
+ * so after a realtime step the stamps are not monotonic in this order. */
 __attribute__((unused)) static unsigned collect_samples(const fake_shared_t *sh, const fake_dev_t *d, int64_t now,
                                 unsigned long long *ts_us, unsigned *mw) {
   unsigned n = 0;
@@ -767,10 +810,11 @@ __attribute__((unused)) static unsigned collect_samples(const fake_shared_t *sh,
       int64_t t = A + j * dt + sample_jitter_ns(A, j, jit);
       if (t > upper || (!backward && t < A)) continue;
       unsigned long long us = (unsigned long long)(t / 1000);
-      if (us >= prev_us) continue; /* keep timestamps strictly increasing */
+      if (us >= prev_us) continue; /* keep sample times strictly increasing */
       prev_us = us;
-      ts_us[n] = us;
-      mw[n] = (unsigned)llround(power_at(d, t - sh->lag_ns) * 1000.0);
+      ts_us[n] = (unsigned long long)((t + rt_offset_at(sh, t)) / 1000);
+      const fake_seg_t *s = seg_at(d, t - sh->lag_ns);
+      mw[n] = (unsigned)llround(s->p_w * s->gain * 1000.0);
       ++n;
     }
   }
@@ -801,6 +845,8 @@ static void state_path(char *out, size_t n) {
 
 static void dev_reset(fake_dev_t *d, unsigned index, int64_t now) {
   (void)index;
+  d->buffer_gain = env_gain();
+  d->counter_period_ns = env_counter_period_ns();
   d->locked_min = d->locked_max = 0;
   d->mem_locked_min = d->mem_locked_max = 0;
   d->app_mem = FAKE_MEM_HI;
@@ -832,6 +878,9 @@ static void state_reset(fake_shared_t *sh) {
   sh->debug_holder_pid = 0;
   sh->lag_ns = clamp_lag_ns(env_double("FAKE_NVML_LAG_MS", 0.0));
   sh->jitter_ns = clamp_jitter_ns(env_double("FAKE_NVML_JITTER_MS", 0.0));
+  sh->samples_min_count = 0;
+  sh->nsteps = 0;
+  memset(sh->rt_step, 0, sizeof sh->rt_step);
   memset(sh->fail_code, 0, sizeof sh->fail_code);
   memset(sh->fail_left, 0, sizeof sh->fail_left);
   memset(sh->latency_us, 0, sizeof sh->latency_us);
@@ -1186,7 +1235,10 @@ FAKE_API nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(nvmlDevice_t device,
   ENTER(SYM_nvmlDeviceGetTotalEnergyConsumption, 1);
   GET_DEV(device);
   if (!energy) LEAVE(NVML_ERROR_INVALID_ARGUMENT);
-  *energy = (unsigned long long)floor(energy_at(d, ctx.now) * 1000.0);
+  int64_t t = ctx.now; /* the counter changes only on its grid (anchored at the reset) */
+  if (d->counter_period_ns > 0)
+    t = d->grid100_ns + floor_div(ctx.now - d->grid100_ns, d->counter_period_ns) * d->counter_period_ns;
+  *energy = (unsigned long long)floor(energy_at(d, t) * 1000.0);
   LEAVE(NVML_SUCCESS);
 }
 
@@ -1201,28 +1253,31 @@ FAKE_API nvmlReturn_t nvmlDeviceGetSamples(nvmlDevice_t device, nvmlSamplingType
   unsigned long long ts[FAKE_BUF_SAMPLES];
   unsigned mw[FAKE_BUF_SAMPLES];
   unsigned n = collect_samples(ctx.sh, d, ctx.now, ts, mw);
-  unsigned n_new = 0; /* newest first: the new ones are a prefix */
-  while (n_new < n && ts[n_new] > lastSeenTimeStamp) ++n_new;
+  /* The new ones (stamp > lastSeen), oldest first. Without a realtime step they are the newest
+   * n_new; after one, any subset. */
+  unsigned pick[FAKE_BUF_SAMPLES], n_new = 0;
+  for (unsigned i = n; i-- > 0;)
+    if (ts[i] > lastSeenTimeStamp) pick[n_new++] = i;
   if (n_new == 0) {
     *sampleCount = 0;
     LEAVE(NVML_ERROR_NOT_FOUND);
   }
   *sampleValType = NVML_VALUE_TYPE_UNSIGNED_INT;
+  const unsigned need = n_new > ctx.sh->samples_min_count ? n_new : ctx.sh->samples_min_count;
   if (!samples) { /* size query */
-    *sampleCount = n_new;
+    *sampleCount = need;
     LEAVE(NVML_SUCCESS);
   }
   unsigned cap = *sampleCount;
-  if (cap == 0) {
-    *sampleCount = n_new;
+  if (cap == 0 || cap < ctx.sh->samples_min_count) {
+    *sampleCount = need;
     LEAVE(NVML_ERROR_INSUFFICIENT_SIZE);
   }
   unsigned m = cap < n_new ? cap : n_new; /* the oldest m, so draining by timestamp loses none */
   for (unsigned i = 0; i < m; ++i) {
-    unsigned src = n_new - 1 - i;
-    samples[i].timeStamp = ts[src];
+    samples[i].timeStamp = ts[pick[i]];
     samples[i].sampleValue.ullVal = 0;
-    samples[i].sampleValue.uiVal = mw[src];
+    samples[i].sampleValue.uiVal = mw[pick[i]];
   }
   *sampleCount = m;
   LEAVE(NVML_SUCCESS);
@@ -1236,7 +1291,7 @@ FAKE_API nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t device, int valuesCo
   fake_shared_t *sh = ctx.sh;
   for (int i = 0; i < valuesCount; ++i) {
     nvmlFieldValue_t *v = &values[i];
-    v->timestamp = (long long)(ctx.now / 1000);
+    v->timestamp = (long long)((ctx.now + rt_offset_at(sh, ctx.now)) / 1000);
     v->latencyUsec = 0;
     v->value.ullVal = 0;
     nvmlReturn_t injected = NVML_SUCCESS;
@@ -1673,6 +1728,55 @@ FAKE_API int fake_nvml_set_lag_ms(double ms) {
 FAKE_API int fake_nvml_set_jitter_ms(double ms) {
   CTL_ENTER(now);
   sh->jitter_ns = clamp_jitter_ns(ms);
+  ctl_leave(sh);
+  return 0;
+}
+
+FAKE_API int fake_nvml_set_buffer_gain(unsigned dev, double gain) {
+  CTL_ENTER(now);
+  CTL_DEV(dev);
+  int r = NVML_ERROR_INVALID_ARGUMENT;
+  if (gain_ok(gain)) {
+    d->buffer_gain = gain;
+    r = apply_settings(d, now); /* a segment at now: older samples keep their gain */
+  }
+  ctl_leave(sh);
+  return r;
+}
+
+FAKE_API int fake_nvml_set_counter_period_ms(unsigned dev, unsigned ms) {
+  CTL_ENTER(now);
+  CTL_DEV(dev);
+  int r = NVML_ERROR_INVALID_ARGUMENT;
+  if (ms <= FAKE_MAX_COUNTER_PERIOD_MS) {
+    d->counter_period_ns = (int64_t)ms * 1000000LL;
+    r = 0;
+  }
+  ctl_leave(sh);
+  return r;
+}
+
+FAKE_API int fake_nvml_set_samples_min_count(unsigned count) {
+  if (count > FAKE_MAX_MIN_COUNT) return NVML_ERROR_INVALID_ARGUMENT;
+  CTL_ENTER(now);
+  sh->samples_min_count = count;
+  ctl_leave(sh);
+  return 0;
+}
+
+/* The driver's CLOCK_REALTIME is offset_us off the model's from now on, as after a step of the
+ * host clock: stamps of samples taken from now on, and field timestamps, carry the offset;
+ * samples already taken keep theirs. The model (energy_between, power_at) stays unstepped. */
+FAKE_API int fake_nvml_set_realtime_offset_us(long long offset_us) {
+  if (offset_us < -86400000000LL || offset_us > 86400000000LL) return NVML_ERROR_INVALID_ARGUMENT;
+  CTL_ENTER(now);
+  if (sh->nsteps == FAKE_MAX_RT_STEPS) { /* forget the oldest step */
+    memmove(&sh->rt_step[0], &sh->rt_step[1], (FAKE_MAX_RT_STEPS - 1) * sizeof sh->rt_step[0]);
+    sh->nsteps--;
+  }
+  sh->rt_step[sh->nsteps].t_ns = now;
+  sh->rt_step[sh->nsteps].offset_ns = (int64_t)offset_us * 1000;
+  sh->nsteps++;
   ctl_leave(sh);
   return 0;
 }

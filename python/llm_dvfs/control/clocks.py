@@ -278,6 +278,10 @@ class ClockController:
         # What this controller currently holds: sm (min, max), mem (method, mem, app_sm), power.
         self._active: dict[str, Any] = {"sm": None, "mem": None, "power_limit_w": None}
         self._mem_method: Optional[str] = None
+        # One NVML session for this controller's life (opened on first use, ended by close()):
+        # a settle loop reads the state every ~20 ms, and a session per read would nvmlInit and
+        # nvmlShutdown each time.
+        self._nvml: Any = None
 
     def __repr__(self) -> str:
         return (f"ClockController(device={self.device}, nvml_index={self.nvml_index}, "
@@ -289,14 +293,28 @@ class ClockController:
         """Whether setters may run (the argument or the environment variable)."""
         return clock_changes_allowed(self.allow_clock_changes)
 
+    def _control(self) -> Any:
+        """The native per-device control (``_core.ClockControl``), holding the session."""
+        if self._nvml is None:
+            self._nvml = nvml_core().ClockControl(self.nvml_index)
+        return self._nvml
+
+    def close(self) -> None:
+        """End this controller's NVML session (reopened on next use). Restores nothing: see
+        :meth:`reset`."""
+        nv, self._nvml = self._nvml, None
+        if nv is not None:
+            nv.close()
+
     def state(self) -> ClockState:
         """Current clocks, power limit and clock-event reasons (no opt-in needed)."""
-        return read_state(self.nvml_index)
+        raw = self._control().clock_state()
+        return ClockState(nvml_index=self.nvml_index, t_s=time.monotonic(), **raw)
 
     def capabilities(self) -> dict[str, bool]:
         """Which setters this device offers: ``gpu_locked_clocks``, ``mem_locked_clocks``,
         ``applications_clocks``, ``power_limit``. Permission is only known by trying."""
-        return capabilities(self.nvml_index)
+        return dict(self._control().control_capabilities())
 
     @property
     def active(self) -> dict[str, Any]:
@@ -413,15 +431,15 @@ class ClockController:
     # -- setters --
     def _set_sm(self, lo: int, hi: int) -> None:
         self._change("gpu_locked", f"lock the SM clock at {lo}-{hi} MHz",
-                     nvml_core().set_gpu_locked_clocks, self.nvml_index, lo, hi)
+                     self._control().set_gpu_locked_clocks, lo, hi)
         self._active["sm"] = (lo, hi)
 
     def _set_mem(self, mem: int, sm: Optional[int]) -> str:
-        core = nvml_core()
+        nv = self._control()
         if self._mem_method in (None, "locked"):
             try:
                 self._change("mem_locked", f"lock the memory clock at {mem} MHz",
-                             core.set_mem_locked_clocks, self.nvml_index, mem, mem)
+                             nv.set_mem_locked_clocks, mem, mem)
                 self._mem_method = "locked"
                 self._active["mem"] = ("locked", mem, None)
                 return "locked"
@@ -432,7 +450,7 @@ class ClockController:
         table = self._table()
         app_sm = sm if sm is not None and sm in table[mem] else max(table[mem])
         self._change("app_clocks", f"set applications clocks {mem}/{app_sm} MHz (mem/SM)",
-                     core.set_applications_clocks, self.nvml_index, mem, app_sm)
+                     nv.set_applications_clocks, mem, app_sm)
         self._active["mem"] = ("applications", mem, app_sm)
         return "applications"
 
@@ -480,7 +498,7 @@ class ClockController:
         self._require_allowed("change the power limit")
         w = self.validate_power_limit(power_limit_w)
         self._change("power_limit", f"set the power limit to {w:g} W",
-                     nvml_core().set_power_limit_w, self.nvml_index, w)
+                     self._control().set_power_limit_w, w)
         self._active["power_limit_w"] = w
         return self.state()
 
@@ -587,10 +605,10 @@ class ClockController:
                 method, mem, app_sm = saved["mem"]
                 if method == "locked":
                     self._change("mem_locked", f"lock the memory clock at {mem} MHz",
-                                 nvml_core().set_mem_locked_clocks, self.nvml_index, mem, mem)
+                                 self._control().set_mem_locked_clocks, mem, mem)
                 else:
                     self._change("app_clocks", f"set applications clocks {mem}/{app_sm} MHz",
-                                 nvml_core().set_applications_clocks, self.nvml_index, mem, app_sm)
+                                 self._control().set_applications_clocks, mem, app_sm)
                 self._active["mem"] = saved["mem"]
         if cur["power_limit_w"] != saved["power_limit_w"]:
             if saved["power_limit_w"] is None:
@@ -598,7 +616,7 @@ class ClockController:
                 self._active["power_limit_w"] = None
             else:
                 self._change("power_limit", f"set the power limit to {saved['power_limit_w']:g} W",
-                             nvml_core().set_power_limit_w, self.nvml_index, saved["power_limit_w"])
+                             self._control().set_power_limit_w, saved["power_limit_w"])
                 self._active["power_limit_w"] = saved["power_limit_w"]
         self._raise_failed(out)
 
@@ -642,7 +660,10 @@ class ClockController:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.reset()
+        try:
+            self.reset()
+        finally:
+            self.close()
 
 
 def reset_to_defaults(nvml_index: int) -> dict[str, str]:

@@ -67,8 +67,9 @@ class Measurement:
     """Energy and power of one window, summed over its devices.
 
     ``energy_j`` is the best estimate (source in ``energy_method``); ``energy_j_counter`` the
-    hardware counter's delta (None where a device has no counter). ``errors`` holds NVML
-    failures that happened during the window (never raised): check ``ok``.
+    hardware counter's delta (None where a device has no counter). ``errors`` holds the NVML
+    failures in force during the window, each once, also one that began before it (never
+    raised): check ``ok``.
     """
 
     name: str

@@ -88,6 +88,31 @@ def _held_values(t: np.ndarray, v: np.ndarray, a: float, b: float) -> np.ndarray
     return v[i0:max(i1, i0 + 1)]
 
 
+_NVML_ERROR_NOT_SUPPORTED = 3
+
+
+def _lane_errors(st: SampleStore, k: int, lo: float, hi: float) -> list[tuple[int, int, int]]:
+    """(nvmlReturn, NvmlSym index, field id) of each error episode of a lane that was in force
+    at some time in [lo, hi]. The sampler records a lane's error once when it starts and once
+    (code 0) when the lane works again, so an error that began before lo still counts. Only
+    NOT_SUPPORTED does not persist: the sampler then stops calling that lane (a fallback)."""
+    et, efield, ecode = st.get("error", k)
+    eaux = st.get_aux("error", k)
+    in_force: dict[tuple[int, int], tuple[int, int, int]] = {}
+    during: list[tuple[int, int, int]] = []
+    n = int(np.searchsorted(et, hi, side="right"))
+    for t, f, c, x in zip(et[:n], efield[:n], ecode[:n], eaux[:n]):
+        lane, code = (int(x), int(f)), int(c)
+        if t >= lo:
+            if code:
+                during.append((code, lane[0], lane[1]))
+        elif code and code != _NVML_ERROR_NOT_SUPPORTED:
+            in_force[lane] = (code, lane[0], lane[1])
+        else:
+            in_force.pop(lane, None)
+    return list(in_force.values()) + during
+
+
 class PowerMonitor:
     """Samples GPU power in a native thread and measures energy over named windows.
 
@@ -508,13 +533,11 @@ class PowerMonitor:
         sm = _held_values(sm_t, sm_v, a, b)
         mem = _held_values(mem_t, mem_v, a, b)
         tmp = _held_values(tmp_t, tmp_v, a, b)
-        # errors reported by the sampler during the window (and a poll period around it)
-        et, _, ecode = st.get("error", k)
-        eaux = st.get_aux("error", k)
+        # errors of the sampler's lanes in force during the window (and a poll period around it)
         margin = 2 * self._cfg["poll_period_s"] + self._cfg["buffer_period_s"]
-        e_lo, e_hi = np.searchsorted(et, [a - margin, b + margin], side="left")
-        errs = [errors.from_nvml(int(c), core.nvml_symbol_name(int(x)), "reported by the sampler thread")
-                for c, x in zip(ecode[e_lo:e_hi], eaux[e_lo:e_hi])]
+        errs = [errors.from_nvml(c, core.nvml_symbol_name(x),
+                                 "reported by the sampler thread" + (f" for field {f}" if f else ""))
+                for c, x, f in _lane_errors(st, k, a - margin, b + margin)]
         if errs:
             flags.append("nvml_error")
         dur = b - a

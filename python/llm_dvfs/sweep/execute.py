@@ -212,6 +212,8 @@ def _run_cells(plan: Plan, rd: RunDir, manifest: dict[str, Any], pending: list[C
     finally:
         if ctx.mon is not None:
             ctx.mon.stop()
+        if ctx.ctl is not None:
+            ctx.ctl.close()  # its NVML session (the clocks are restored by locked())
     return n_run
 
 
