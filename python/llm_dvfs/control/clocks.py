@@ -68,10 +68,8 @@ def clock_changes_allowed(allow_clock_changes: bool = False) -> bool:
 
 
 class ClockNotSettled(errors.LlmDvfsError, TimeoutError):
-    """The observed clocks did not reach the requested ones within the timeout.
-
-    ``result`` is the :class:`LockResult` with the last observation and its clock-event reasons.
-    """
+    """The observed clocks did not reach the requested ones within the timeout. ``result`` is
+    the :class:`LockResult` with the last observation and its clock-event reasons."""
 
     def __init__(self, message: str, result: "LockResult") -> None:
         super().__init__(message)
