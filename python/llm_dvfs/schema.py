@@ -18,6 +18,7 @@ REQUEST_COLUMNS: dict[str, str] = {
     "cell_id": "string",            # model|task|clock point|batch size|repeat, stable across resumes
     "request_id": "string",         # cell_id + sample id + position, unique in a run
     "model": "string",              # model spec as given (hub id, path or arch:NAME)
+    "revision": "string",           # commit the weights were loaded at (hub cache), else as requested; NA for arch:/local
     "weights": "string",            # pretrained | random
     "dtype": "string",
     "task": "string",
@@ -35,6 +36,7 @@ REQUEST_COLUMNS: dict[str, str] = {
     "clock_event_reasons": "int64", # OR of NVML clock-event (throttle) bits seen during the request
     "tokens_in": "int64",
     "tokens_out": "int64",
+    "stop_reason": "string",        # eos | stop_string | max_new_tokens: what ended the request's generation
     "ttft_s": "float64",
     "tpot_s": "float64",
     "latency_s": "float64",

@@ -10,14 +10,15 @@ from llm_dvfs.workload.tasks.base import LoglikResult, Sample
 
 
 def choice_logliks(model: Any, tokenizer: Any, context: str,
-                   continuations: Sequence[str]) -> list[LoglikResult]:
+                   continuations: Sequence[str], *, add_special_tokens: bool = True) -> list[LoglikResult]:
     """Log-likelihood of each continuation after ``context``, in one batched forward pass.
 
     Tokenisation follows lm-evaluation-harness: trailing spaces of the context move to the
     continuation; the continuation's tokens are those of ``tokenize(context + continuation)``
     beyond the length of ``tokenize(context)``. Special tokens (e.g. a BOS) are added as the
-    tokenizer does by default; an empty context starts from BOS (or EOS). Sums are in nats,
-    computed in float32.
+    tokenizer does by default (``add_special_tokens=False``: none, for a context that carries
+    them already, as a chat-templated prompt does); an empty context starts from BOS (or EOS).
+    Sums are in nats, computed in float32.
 
     Args:
         model: a causal LM (``model(input_ids, attention_mask).logits``).
@@ -37,14 +38,14 @@ def choice_logliks(model: Any, tokenizer: Any, context: str,
         continuations = [context[-n_space:] + c for c in continuations]
         context = context[:-n_space]
     if context:
-        ctx_ids = list(tokenizer(context)["input_ids"])
+        ctx_ids = list(tokenizer(context, add_special_tokens=add_special_tokens)["input_ids"])
     else:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ctx_ids = [start]
     seqs, spans = [], []
     for c in continuations:
         if context:
-            cont = list(tokenizer(context + c)["input_ids"])[len(ctx_ids):]
+            cont = list(tokenizer(context + c, add_special_tokens=add_special_tokens)["input_ids"])[len(ctx_ids):]
         else:
             cont = list(tokenizer(c, add_special_tokens=False)["input_ids"])
         if not cont:
@@ -72,11 +73,13 @@ def choice_logliks(model: Any, tokenizer: Any, context: str,
     return out
 
 
-def sample_logliks(model: Any, tokenizer: Any, sample: Sample) -> list[LoglikResult]:
+def sample_logliks(model: Any, tokenizer: Any, sample: Sample, *,
+                   add_special_tokens: bool = True) -> list[LoglikResult]:
     """:func:`choice_logliks` of ``sample.choices`` after ``sample.prompt`` (for ``loglik`` tasks)."""
     if not sample.choices:
         raise ValueError(f"sample {sample.sample_id} has no choices to score")
-    return choice_logliks(model, tokenizer, sample.prompt, sample.choices)
+    return choice_logliks(model, tokenizer, sample.prompt, sample.choices,
+                          add_special_tokens=add_special_tokens)
 
 
 __all__ = ["choice_logliks", "sample_logliks"]
