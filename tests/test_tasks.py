@@ -342,9 +342,12 @@ def test_missing_dataset_offline_says_how_to_get_it(monkeypatch):
     import huggingface_hub.constants as hc
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    # both libraries read the variables at import time
+    # both libraries read the variables at import time; datasets < 2.19 (the floor is 2.18)
+    # knows only HF_DATASETS_OFFLINE
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if hasattr(datasets.config, name):
+            monkeypatch.setattr(datasets.config, name, True)
     task = get_task("boolq:dataset=llm-dvfs-tests/no-such-boolq")
     with pytest.raises(DataNotFound) as ei:
         task.samples(limit=3)

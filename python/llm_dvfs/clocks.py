@@ -77,18 +77,20 @@ def _select(devs: list[Any], spec: str) -> list[Any]:
     return [devs[i]]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m llm_dvfs.clocks``: show clock state, reset, or run a command under a lock."""
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m llm_dvfs.clocks") -> int:
+    """``python -m llm_dvfs.clocks``: show clock state, reset, or run a command under a lock.
+    Returns the exit status; ``prog`` names the command in usage lines."""
     import argparse
 
     from llm_dvfs.devices import devices, last_error
 
     p = argparse.ArgumentParser(
-        prog="python -m llm_dvfs.clocks",
+        prog=prog,
         description="Show GPU clock state (default), reset clocks to driver defaults (manual "
                     "recovery after a crash), or hold a clock lock while a command runs.",
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action=argparse.BooleanOptionalAction, default=False,
+                   help="machine-readable output")
     sub = p.add_subparsers(dest="cmd")
     ps = sub.add_parser("state", help="show the clock state of GPUs (the default)")
     ps.add_argument("--device", default="all", help="GPU index (CUDA numbering) or 'all'")
@@ -102,11 +104,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pl.add_argument("--mem-mhz", type=float, help="memory clock to lock, MHz")
     pl.add_argument("--power-limit-w", type=float, help="power limit, W")
     pl.add_argument("--timeout-s", type=float, default=2.0, help="settle timeout, s")
-    pl.add_argument("--allow-clock-changes", action="store_true",
+    pl.add_argument("--allow-clock-changes", action=argparse.BooleanOptionalAction, default=False,
                     help=f"opt in to changing clocks (or set {ALLOW_ENV}=1)")
     pl.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     for q in (ps, pr, pl):
-        q.add_argument("--json", dest="json_sub", action="store_true", help="machine-readable output")
+        q.add_argument("--json", dest="json_sub", action=argparse.BooleanOptionalAction, default=False,
+                       help="machine-readable output")
     args = p.parse_args(argv)
     as_json = args.json or getattr(args, "json_sub", False)
     cmd = args.cmd or "state"

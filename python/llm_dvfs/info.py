@@ -105,14 +105,17 @@ def _sensors(args: argparse.Namespace, devs: list) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m llm_dvfs.info") -> int:
+    """Entry point of ``python -m llm_dvfs.info``; returns the exit status (0, or 1 when NVML
+    fails in a way other than being absent). ``prog`` names the command in usage lines."""
     p = argparse.ArgumentParser(
-        prog="python -m llm_dvfs.info",
+        prog=prog,
         description="List the visible NVIDIA GPUs with their clocks, power limits and the power "
                     "sources llm_dvfs can use. Read-only. Example: python -m llm_dvfs.info --json",
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output (a JSON object)")
-    p.add_argument("--sensors", action="store_true",
+    p.add_argument("--json", action=argparse.BooleanOptionalAction, default=False,
+                   help="machine-readable output (a JSON object)")
+    p.add_argument("--sensors", action=argparse.BooleanOptionalAction, default=False,
                    help="measure each GPU's sensor model (buffer spacing, how often each power source "
                         "really changes, counter update period, buffer lag; a few seconds per GPU, "
                         "read-only) and cache it per GPU UUID for later PowerMonitors")

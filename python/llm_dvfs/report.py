@@ -37,9 +37,9 @@ __all__ = ["CSV_TABLES", "Report", "RunData", "build_report", "load_run", "main"
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "python -m llm_dvfs.report") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m llm_dvfs.report",
+        prog=prog,
         description="Statistics, figures and a readable report of an llm_dvfs run directory: per model x task x "
                     "clock point, medians with 95 %% bootstrap intervals of energy per request, J/token, latency, "
                     "TTFT, TPOT, average power and quality; the saving vs the highest clock; the energy-optimal "
@@ -60,22 +60,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--request", metavar="ID", default=None,
                    help="request_id whose power trace to draw (default: a median-latency request at the highest "
                         "clock)")
-    p.add_argument("--no-html", action="store_true", help="do not write report.html")
+    p.add_argument("--html", action=argparse.BooleanOptionalAction, default=True,
+                   help="write report.html (default: on; --no-html skips it)")
     p.add_argument("--n-boot", metavar="N", type=int, default=2000,
                    help="bootstrap resamples per confidence interval (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0; results are reproducible)")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m llm_dvfs.report``; returns the exit status."""
-    args = _parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m llm_dvfs.report") -> int:
+    """Entry point of ``python -m llm_dvfs.report``; returns the exit status. ``prog`` names the
+    command in usage lines (``llm-dvfs report`` from the console script)."""
+    args = _parser(prog).parse_args(argv)
     if args.n_boot < 1:
         print("llm_dvfs.report: error: --n-boot must be >= 1", file=sys.stderr)
         return 2
     try:
         rep = build_report(args.run_dir, args.out, latency_limit=args.latency_limit, request_id=args.request,
-                           html_page=not args.no_html, n_boot=args.n_boot, seed=args.seed)
+                           html_page=args.html, n_boot=args.n_boot, seed=args.seed)
     except (ConfigError, DataNotFound) as e:
         print(f"llm_dvfs.report: error: {e}", file=sys.stderr)
         return 2

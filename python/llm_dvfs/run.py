@@ -32,7 +32,12 @@ examples:
   python -m llm_dvfs.run --clocks all --power-limits 700,500 --allow-clock-changes
   python -m llm_dvfs.run --tasks 'boolq:file=dev.jsonl,question=q,passage=p,answer=a' \\
       --models ./my-checkpoint --max-new-tokens 8
-  python -m llm_dvfs.run --config sweep.toml          (keys = the long option names)
+  python -m llm_dvfs.run --models meta-llama/Llama-3.2-1B-Instruct --apply-chat-template \\
+      --model-args revision=main,attn_implementation=sdpa --tasks boolq --limit 100
+      a chat model as chat (its template, its generation_config's EOS ids), pinned: each row
+      records the commit the revision resolved to
+  python -m llm_dvfs.run --config sweep.toml --no-fixed-output-length
+      (keys = the long option names; every on/off setting has a --no- form that wins over the file)
   python -m llm_dvfs.run --resume runs/dvfs --allow-clock-changes
       continue an interrupted run: finished cells are kept, the rest is run
   python -m llm_dvfs.run --dry-run --config sweep.toml  validate and show the plan only
@@ -45,6 +50,7 @@ config file (TOML; YAML and JSON work the same, a [sweep] table is optional):
   samples = 50
   max_new_tokens = 64
   fixed_output_length = true
+  model_args = { attn_implementation = "sdpa" }
   dtype = "bfloat16"
   out = "runs/llama-dvfs"
 
@@ -59,6 +65,7 @@ exit status: 0 done, 2 bad input (nothing written), 1 failure during the run (re
 # (flag, config key, metavar / action, help) — help texts come from llm_dvfs.sweep.config.FIELD_HELP
 _VALUE_FLAGS = [
     ("--models", "models", "SPEC[,SPEC...]"),
+    ("--model-args", "model_args", "KEY=VALUE[,...]"),
     ("--tasks", "tasks", "TASK[,TASK...]"),
     ("--clocks", "clocks", "MHZ"),
     ("--mem-clocks", "mem_clocks", "MHZ"),
@@ -81,21 +88,25 @@ _VALUE_FLAGS = [
     ("--gpu", "gpu", "N|auto|none"),
     ("--on-busy-gpu", "on_busy_gpu", "warn|refuse"),
 ]
+# on/off settings: each also has its --no- form (argparse.BooleanOptionalAction), so a value
+# from --config can be turned off on the command line; None = not given (the file decides)
 _SWITCH_FLAGS = [
     ("--fixed-output-length", "fixed_output_length"),
+    ("--stop-sequences", "stop_sequences"),
+    ("--apply-chat-template", "apply_chat_template"),
     ("--allow-clock-changes", "allow_clock_changes"),
 ]
 #: Flags that may accompany the embedded default (they do not describe the grid).
 _EMBEDDED_OK = {"out", "device", "gpu", "on_busy_gpu", "allow_clock_changes"}
 _ALIASES = {"models": ["--model", "-m"], "tasks": ["--task", "-t"], "out": ["-o"],
-            "batch_sizes": ["--batch-size"]}
+            "batch_sizes": ["--batch-size"], "samples": ["--limit"]}  # --limit: lm-eval's name
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m llm_dvfs.run") -> argparse.ArgumentParser:
     from llm_dvfs.sweep.config import FIELD_HELP
 
     p = argparse.ArgumentParser(
-        prog="python -m llm_dvfs.run",
+        prog=prog,
         description="Measure energy, latency and quality of LLM inference over models x tasks x GPU "
                     "clock points x batch sizes, and write a run directory (resumable). Settings "
                     "come from --config and flags (flags win); with no arguments an embedded "
@@ -108,36 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(flag, *_ALIASES.get(key, []), dest=key, metavar=metavar, default=None,
                        help=FIELD_HELP[key])
     for flag, key in _SWITCH_FLAGS:
-        g.add_argument(flag, dest=key, action="store_const", const=True, default=None, help=FIELD_HELP[key])
+        g.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None,
+                       help=FIELD_HELP[key])
     r = p.add_argument_group("run control")
     r.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (its manifest "
                    "holds the settings; finished cells are kept)")
-    r.add_argument("--dry-run", action="store_true", help="validate everything and print the plan; "
-                   "run nothing, write nothing")
+    r.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False,
+                   help="validate everything and print the plan; run nothing, write nothing")
+    # plain flags: no config file sets them (nothing to turn off), and a --no-quiet would count
+    # as using --quiet in this mutually exclusive group
     v = r.add_mutually_exclusive_group()
     v.add_argument("--quiet", "-q", action="store_true", help="warnings and the summary only; no progress bars")
     v.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return p
 
 
-class _TqdmHandler(logging.Handler):
-    """Log lines that do not break the progress bars."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            msg = self.format(record)
-            try:
-                from tqdm import tqdm
-                tqdm.write(msg, file=sys.stderr)
-            except ImportError:  # pragma: no cover
-                print(msg, file=sys.stderr)
-        except Exception:  # noqa: BLE001
-            self.handleError(record)
-
-
 def _setup_logging(quiet: bool, verbose: bool) -> logging.Handler:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    h = _TqdmHandler()
+    # a plain console handler: while the sweep's progress bars are up, execute() routes it
+    # through tqdm (tqdm.contrib.logging.logging_redirect_tqdm), so lines don't break the bars
+    h = logging.StreamHandler(sys.stderr)
     h.setLevel(level)
     h.setFormatter(logging.Formatter("llm_dvfs: %(message)s" if not verbose
                                      else "%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -161,13 +162,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the exit status (see the module docstring)."""
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m llm_dvfs.run") -> int:
+    """Entry point; returns the exit status (see the module docstring). ``prog`` names the
+    command in usage lines (``llm-dvfs run`` from the console script)."""
     from llm_dvfs.sweep.config import embedded_default, load_config, resume_config
     from llm_dvfs.sweep.execute import execute
     from llm_dvfs.sweep.plan import GpuBusy, prepare
 
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     handler = _setup_logging(args.quiet, args.verbose)
     log = logging.getLogger("llm_dvfs.run")

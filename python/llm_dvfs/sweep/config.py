@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from llm_dvfs.errors import ConfigError
 from llm_dvfs.sweep.rundir import RunDir
+from llm_dvfs.workload.model_args import parse_model_args
 
 # the sweep's logger: these messages were always the sweep's (run.log and -v filters keep working)
 log = logging.getLogger("llm_dvfs.sweep")
@@ -69,6 +70,7 @@ class SweepConfig:
     """
 
     models: Optional[list[str]] = None
+    model_args: dict[str, Any] = field(default_factory=dict)
     tasks: list[Any] = field(default_factory=lambda: ["synthetic"])
     clocks: Any = None
     mem_clocks: Any = None
@@ -78,6 +80,8 @@ class SweepConfig:
     samples: int = 16
     max_new_tokens: int = 32
     fixed_output_length: bool = False
+    stop_sequences: bool = True
+    apply_chat_template: bool = False
     dtype: str = "auto"
     decoding: str = "greedy"
     temperature: float = 1.0
@@ -101,6 +105,10 @@ FIELD_HELP: dict[str, str] = {
     "models": "model specs: hub ids, local directories or arch:NAME (random weights); "
               "e.g. arch:llama-3.2-1b,arch:gpt-neo-2.7b. Default: arch:llama-3.2-1b on a GPU, "
               "arch:tiny on the CPU",
+    "model_args": "extra from_pretrained arguments for every model, as lm-eval's --model_args: "
+                  "key=value,... e.g. revision=abc123,attn_implementation=sdpa or "
+                  "quantization_config={\"load_in_4bit\": true} (JSON values allowed; a table "
+                  "in a config file). The revision resolved is recorded per row",
     "tasks": "tasks: synthetic, boolq, hellaswag, truthfulqa, or NAME:file=PATH,field=column,... "
              "for a local file; e.g. synthetic,boolq:file=dev.jsonl (default synthetic)",
     "clocks": "SM clock points in MHz: 1980,1500,1200 | all | MIN:MAX (every supported clock "
@@ -109,10 +117,16 @@ FIELD_HELP: dict[str, str] = {
     "power_limits": "power limits in W, e.g. 700,500 (within the GPU's range)",
     "batch_sizes": "batch sizes, e.g. 1,8 (prompts padded on the left; default 1)",
     "repeats": "how often each cell is measured (default 1)",
-    "samples": "sample limit per task (default 16)",
+    "samples": "sample limit per task (default 16; --limit is the same)",
     "max_new_tokens": "maximum generated tokens per request (default 32)",
-    "fixed_output_length": "generate exactly max_new_tokens tokens (EOS suppressed) for "
-                           "controlled comparisons",
+    "fixed_output_length": "generate exactly max_new_tokens tokens (EOS and stop sequences "
+                           "suppressed) for controlled comparisons",
+    "stop_sequences": "end each request at its task's stop sequences, e.g. the newline after a "
+                      "BoolQ or TruthfulQA answer (default on; --no-stop-sequences runs to EOS or "
+                      "max_new_tokens)",
+    "apply_chat_template": "give each prompt as one user turn of the tokenizer's chat template, "
+                           "with the generation prompt (default off; an error when the tokenizer "
+                           "has none)",
     "dtype": "model dtype: auto, bfloat16, float16, float32 (default auto: the checkpoint's)",
     "decoding": "greedy or sampled (default greedy)",
     "temperature": "sampling temperature (sampled decoding; default 1.0)",
@@ -363,8 +377,13 @@ def _normalise(key: str, value: Any, source: str) -> Any:
         return v
     if key in ("idle_s", "settle_tolerance_mhz"):
         return _to_float(value, where, 0.0)
-    if key in ("fixed_output_length", "allow_clock_changes"):
+    if key in ("fixed_output_length", "allow_clock_changes", "stop_sequences", "apply_chat_template"):
         return _to_bool(value, where)
+    if key == "model_args":
+        try:
+            return parse_model_args(value)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
     if key == "dtype":
         return _choice(value, where, DTYPES)
     if key == "decoding":

@@ -16,6 +16,7 @@ watchdog restores the GPU when this process ends in any way; an observe-mode pla
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -23,7 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import pandas as pd
 
@@ -91,6 +92,41 @@ class _Progress:
             self.sweep.close()
 
 
+@contextlib.contextmanager
+def _logs_through_tqdm() -> Iterator[None]:
+    """While the bars are up, the console handlers of the ``llm_dvfs`` and ``py.warnings``
+    loggers write through ``tqdm.write`` (``tqdm.contrib.logging.logging_redirect_tqdm``), so a
+    log line is printed above the bars instead of through them.
+
+    Only loggers that have a console handler (a ``StreamHandler`` on stdout/stderr, as the CLI
+    sets up) are redirected: for a library caller without one, logging_redirect_tqdm would add a
+    console handler of its own. Each replacement keeps the level and filters of the handler it
+    replaces (logging_redirect_tqdm copies only the formatter and stream, so ``--quiet`` would
+    otherwise print INFO lines, and the DEBUG lines that the run.log handler wants too).
+    """
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    def console(h: logging.Handler) -> bool:
+        return isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stdout, sys.stderr)
+
+    loggers = [lg for lg in (logging.getLogger("llm_dvfs"), logging.getLogger("py.warnings"))
+               if any(console(h) for h in lg.handlers)]
+    if not loggers:
+        yield
+        return
+    replaced = {lg.name: next(h for h in lg.handlers if console(h)) for lg in loggers}
+    before = {lg.name: list(lg.handlers) for lg in loggers}
+    with logging_redirect_tqdm(loggers=loggers):
+        for lg in loggers:
+            orig = replaced[lg.name]
+            for h in lg.handlers:
+                if h not in before[lg.name]:
+                    h.setLevel(orig.level)
+                    for f in orig.filters:
+                        h.addFilter(f)
+        yield
+
+
 def execute(plan: Plan, *, argv: Optional[Sequence[str]] = None, quiet: bool = False) -> SweepResult:
     """Run ``plan`` (from :func:`prepare`), writing the run directory as it goes.
 
@@ -124,17 +160,20 @@ def execute(plan: Plan, *, argv: Optional[Sequence[str]] = None, quiet: bool = F
     skipped = len(plan.cells) - len(pending)
     if skipped:
         log.info("resuming: %d of %d cells are already done", skipped, len(plan.cells))
-    progress = _Progress(sum(len(plan.task_entry(c.task).samples) for c in pending), quiet)
     status = "failed"
     cells_run = 0
     try:
-        cells_run = _run_cells(plan, rd, manifest, pending, progress)
+        with _logs_through_tqdm():
+            progress = _Progress(sum(len(plan.task_entry(c.task).samples) for c in pending), quiet)
+            try:
+                cells_run = _run_cells(plan, rd, manifest, pending, progress)
+            finally:
+                progress.close()
         status = "complete"
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
-        progress.close()
         manifest["status"] = status
         manifest["finished_at"] = now_iso() if status == "complete" else None
         manifest["cells_done"] = sum(1 for c in plan.cells if rd.is_done(c))
@@ -234,14 +273,16 @@ def _load(ctx: _CellContext, model: str) -> tuple[Any, Any]:
     cfg = plan.config
     t0 = time.monotonic()
     log.info("loading %s (%s) on %s", model, cfg.dtype, plan.device)
-    loaded = load_model(model, dtype=cfg.dtype, device=plan.device, seed=cfg.seed)
-    log.info("loaded %s: %.3g M parameters, %s, in %.1f s", model, loaded.n_params / 1e6, loaded.dtype,
-             time.monotonic() - t0)
+    loaded = load_model(model, dtype=cfg.dtype, device=plan.device, seed=cfg.seed,
+                        model_args=cfg.model_args)
+    log.info("loaded %s: %.3g M parameters, %s, in %.1f s%s", model, loaded.n_params / 1e6, loaded.dtype,
+             time.monotonic() - t0, f", revision {loaded.revision}" if loaded.revision else "")
     manifest.setdefault("models", {})[model] = loaded.describe()
     rd.write_manifest(manifest)
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, fixed_output_length=cfg.fixed_output_length,
                                   decoding=cfg.decoding, temperature=cfg.temperature, top_p=cfg.top_p,
-                                  seed=cfg.seed)
+                                  seed=cfg.seed, stop_sequences=cfg.stop_sequences,
+                                  apply_chat_template=cfg.apply_chat_template)
     runner = Runner(loaded, ctx.mon, settings, gpu_name=plan.gpu.name if plan.gpu is not None else None)
     return loaded, runner
 
@@ -263,7 +304,8 @@ def _clock_point(ctx: _CellContext, cp: ClockPoint, todo: list[Cell], feats: dic
                         "observed_sm_mhz": lock.observed_sm_mhz, "observed_mem_mhz": lock.observed_mem_mhz,
                         "reasons": list(lock.reasons), "mem_method": lock.mem_method}
     w = mon.begin_window("warmup") if mon is not None else None
-    warm_s = ctx.runner.warmup(prompts, todo[0].batch_size, max(cfg.warmup, 1 if lock is not None else 0))
+    warm_s = ctx.runner.warmup(prompts, todo[0].batch_size, max(cfg.warmup, 1 if lock is not None else 0),
+                               ctx.runner.stop_strings(first.task))
     settle: dict[str, Any] = {"warmup_s": warm_s}
     if w is not None:
         w.end()

@@ -160,15 +160,23 @@ def _gpus() -> tuple[list[Any], Optional[str]]:
     return devs, (None if devs else (last_error() or "no NVIDIA GPU visible"))
 
 
-def _check_model(spec: str) -> None:
-    """Cheap validity check of a model spec (no weights are loaded)."""
-    from llm_dvfs.workload.models import ModelSpec
+def _check_model(spec: str, model_args: Optional[dict[str, Any]] = None,
+                 chat_template: bool = False) -> None:
+    """Cheap validity check of a model spec and its model args (no weights are loaded): a hub
+    id must be in the cache or on the hub at the revision asked for; with ``chat_template`` its
+    tokenizer must have a chat template."""
+    from llm_dvfs.workload.model_args import split_model_args
+    from llm_dvfs.workload.models import ModelSpec, load_tokenizer
 
     ms = ModelSpec.parse(spec)
+    own, rest = split_model_args(model_args, ms.kind)  # ConfigError: keys an arch: model can't use
     if ms.kind == "hub":
         try:
             from transformers import AutoConfig
-            AutoConfig.from_pretrained(ms.target)
+            rev = own.get("revision")
+            AutoConfig.from_pretrained(ms.target, revision=None if rev is None else str(rev),
+                                       trust_remote_code=bool(own.get("trust_remote_code", False)),
+                                       **{k: v for k, v in rest.items() if k in ("cache_dir", "token")})
         except (OSError, ValueError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataNotFound(
@@ -176,6 +184,11 @@ def _check_model(spec: str) -> None:
                 f"from the Hugging Face hub or its cache ({msg}). Use arch:NAME for random weights "
                 "(python -c 'import llm_dvfs.workload.models as m; print(m.list_arch())'), a local directory, "
                 f"or download it first (`hf download {ms.target}`)") from None
+    if chat_template and not getattr(load_tokenizer(ms, model_args), "chat_template", None):
+        where = "the offline tokenizer of arch: models" if ms.kind == "arch" and "tokenizer" not in own \
+            else f"the tokenizer of {spec}"
+        raise ConfigError(f"--apply-chat-template: {where} has no chat template; drop the option, or "
+                          "give a tokenizer that has one (--model-args tokenizer=DIR_OR_HUB_ID)")
 
 
 def _tasks(cfg: SweepConfig) -> list[TaskEntry]:
@@ -378,7 +391,7 @@ def prepare(cfg: SweepConfig, *, resume: Optional[str | os.PathLike[str]] = None
         models = [DEFAULT_GPU_MODEL if device.startswith("cuda") else DEFAULT_CPU_MODEL]
         notes.append(f"no models given: using the embedded default {models[0]} (random weights)")
     for m in models:
-        _check_model(m)
+        _check_model(m, cfg.model_args, cfg.apply_chat_template)
     # 4. clock points (needs the GPU's table) and mode; a resumed run keeps its mode and device
     stored = RunDir(out).read_manifest() if resume is not None else {}
     stored_mode = stored.get("mode")

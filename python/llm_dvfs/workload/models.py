@@ -22,13 +22,15 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping, Optional
 
 from llm_dvfs.atomic import atomic_write_with
-from llm_dvfs.workload.configs import textgen
 from llm_dvfs.errors import ConfigError, DataNotFound
+from llm_dvfs.workload.configs import textgen
+from llm_dvfs.workload.model_args import split_model_args
 
 ARCH_PREFIX = "arch:"
 # Bump when the corpus, the trainer settings or the special tokens change: it keys the cache.
@@ -251,8 +253,11 @@ def build_offline_tokenizer(vocab_size: int, *, use_cache: bool = True):
     tok = _train_full_tokenizer(use_cache)
     if vocab_size < tok.get_vocab_size():
         tok = _truncate_bpe(tok, int(vocab_size))
+    # model_input_names: a causal LM takes no token_type_ids, which transformers < 5 would
+    # otherwise return and generate() rejects
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
-                                 pad_token=PAD_TOKEN, padding_side="left")
+                                 pad_token=PAD_TOKEN, padding_side="left",
+                                 model_input_names=["input_ids", "attention_mask"])
     hf.name_or_path = f"llm_dvfs-offline-bpe-{len(hf)}"
     return hf
 
@@ -274,6 +279,10 @@ class LoadedModel:
         device: device of the input embeddings, e.g. ``"cuda:0"``, ``"cpu"``, ``"meta"``.
         tokenizer_source: ``"offline-bpe"`` or where the tokenizer was loaded from.
         n_params: number of parameters (tied weights counted once).
+        revision: what pins the weights: for a hub model the commit hash its revision resolved
+            to (see :func:`_resolved_commit`), else the revision asked for; None for local
+            directories and ``arch:`` models, which have none.
+        model_args: the extra ``from_pretrained`` arguments it was loaded with.
     """
     model: Any
     tokenizer: Any
@@ -285,6 +294,8 @@ class LoadedModel:
     tokenizer_source: str = ""
     n_params: int = 0
     extra: dict = field(default_factory=dict)
+    revision: Optional[str] = None
+    model_args: dict = field(default_factory=dict)
 
     @property
     def quality_valid(self) -> bool:
@@ -296,7 +307,10 @@ class LoadedModel:
         return {"model": self.spec.raw, "name": self.name, "kind": self.spec.kind,
                 "weights": self.weights, "dtype": self.dtype, "device": self.device,
                 "n_params": self.n_params, "tokenizer": self.tokenizer_source,
-                "tokenizer_vocab": len(self.tokenizer), **self.extra}
+                "tokenizer_vocab": len(self.tokenizer), "revision": self.revision,
+                "model_args": dict(self.model_args),
+                "eos_token_id": getattr(getattr(self.model, "generation_config", None), "eos_token_id", None),
+                **self.extra}
 
 
 def _parse_dtype(dtype: Any) -> "str":
@@ -342,11 +356,17 @@ def _hub_hint(target: str) -> str:
             + ", ".join(ARCH_PREFIX + k for k in list_arch()) + ")")
 
 
-def _load_tokenizer(source: str, revision: str | None, trust_remote_code: bool):
+#: from_pretrained arguments that locate files, so the tokenizer needs them as much as the model
+_HUB_FILE_KWARGS = ("cache_dir", "token", "local_files_only", "force_download", "proxies")
+
+
+def _load_tokenizer(source: str, revision: str | None, trust_remote_code: bool,
+                    hub_kwargs: Optional[Mapping[str, Any]] = None):
     from transformers import AutoTokenizer
+    more = {k: v for k, v in (hub_kwargs or {}).items() if k in _HUB_FILE_KWARGS}
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=revision,
-                                            trust_remote_code=trust_remote_code)
+                                            trust_remote_code=trust_remote_code, **more)
     except (OSError, ValueError) as e:
         raise DataNotFound(f"tokenizer {source!r} could not be loaded ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); " + _hub_hint(source)) from e
@@ -361,11 +381,24 @@ def _count_params(model) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
+def _merge_own_args(own: Mapping[str, Any], given: dict[str, Any], defaults: Mapping[str, Any]) -> None:
+    """``model_args`` keys that are load_model's own arguments, into ``given`` (in place).
+
+    Raises:
+        ConfigError: the same argument given both ways with different values.
+    """
+    for k, v in own.items():
+        if given[k] != defaults[k] and given[k] != v:
+            raise ConfigError(f"{k} is given twice, as {given[k]!r} and in model_args as {v!r}")
+        given[k] = v
+
+
 def load_model(spec: "str | os.PathLike[str] | ModelSpec", dtype: Any = "auto", device: Any = None,
                device_map: Any = None, revision: str | None = None,
                trust_remote_code: bool = False, seed: int = 0,
                tokenizer: "str | os.PathLike[str] | None" = None,
-               attn_implementation: str | None = None) -> LoadedModel:
+               attn_implementation: str | None = None,
+               model_args: Optional[Mapping[str, Any]] = None) -> LoadedModel:
     """Load (or, for ``arch:``, build) a causal LM and its tokenizer.
 
     Args:
@@ -376,7 +409,9 @@ def load_model(spec: "str | os.PathLike[str] | ModelSpec", dtype: Any = "auto", 
             ``None`` = ``cuda:0`` when available, else cpu. Ignored when ``device_map`` is given.
         device_map: passed to ``from_pretrained`` (e.g. ``"auto"``) for pretrained models; an
             ``arch:`` model accepts only a single device here.
-        revision: hub revision (branch, tag or commit) of a pretrained model.
+        revision: hub revision (branch, tag or commit) of a pretrained model; the model and its
+            tokenizer are loaded at it, and :attr:`LoadedModel.revision` records the commit it
+            resolved to.
         trust_remote_code: allow model code from the hub (off by default; no shipped
             architecture needs it).
         seed: seeds the random weights of ``arch:`` models (same seed, same device and dtype →
@@ -384,26 +419,70 @@ def load_model(spec: "str | os.PathLike[str] | ModelSpec", dtype: Any = "auto", 
         tokenizer: a directory or hub id to take the tokenizer from (default: the model's own; for
             ``arch:`` the offline BPE tokenizer).
         attn_implementation: e.g. ``"sdpa"``, ``"eager"``; None = transformers' default.
+        model_args: more ``from_pretrained`` keyword arguments, as ``--model-args`` gives them
+            (:func:`llm_dvfs.workload.model_args.parse_model_args`), e.g.
+            ``{"quantization_config": {...}, "low_cpu_mem_usage": True}``. The keys ``revision``,
+            ``trust_remote_code``, ``attn_implementation``, ``device_map``, ``tokenizer`` and
+            ``dtype``/``torch_dtype`` set the arguments of the same name.
+
+    The model's ``generation_config`` is kept as the checkpoint has it (several EOS ids for
+    Llama-3 instruct models, for one); only a missing pad id is filled in from the tokenizer.
+    An ``arch:`` model's special ids are the offline tokenizer's (the shipped configuration's
+    belong to the real model's tokenizer).
 
     Raises:
         ConfigError: unknown ``arch:`` name, bad dtype/device, device_map for an ``arch:`` model,
-            a tokenizer larger than the model's vocabulary — all before anything heavy is loaded.
+            a tokenizer larger than the model's vocabulary, model_args an ``arch:`` model cannot
+            use or that contradict an argument — all before anything heavy is loaded.
         DataNotFound: a hub model/tokenizer not cached and not downloadable, or a missing directory;
             the message says how to obtain it.
     """
     ms = ModelSpec.parse(spec)
-    torch_dtype = _parse_dtype(dtype)
+    own, rest = split_model_args(model_args, ms.kind)
+    args = {"dtype": dtype, "device_map": device_map, "revision": revision,
+            "trust_remote_code": trust_remote_code, "tokenizer": tokenizer,
+            "attn_implementation": attn_implementation}
+    _merge_own_args(own, args, {"dtype": "auto", "device_map": None, "revision": None,
+                                "trust_remote_code": False, "tokenizer": None,
+                                "attn_implementation": None})
+    torch_dtype = _parse_dtype(args["dtype"])
+    revision = None if args["revision"] is None else str(args["revision"])
     if ms.kind == "arch":
+        device_map = args["device_map"]
         if device_map is not None:
             if isinstance(device_map, (str, int)) and str(device_map) != "auto":
                 device = device_map
             else:
                 raise ConfigError("device_map is for pretrained checkpoints; an arch: model is built "
                                   "on one device (pass device='cuda:N')")
-        return _build_arch(ms, torch_dtype, _parse_device(device), seed, tokenizer,
-                           revision, trust_remote_code, attn_implementation)
-    return _load_pretrained(ms, torch_dtype, device, device_map, revision, trust_remote_code,
-                            tokenizer, attn_implementation)
+        lm = _build_arch(ms, torch_dtype, _parse_device(device), seed, args["tokenizer"],
+                         revision, bool(args["trust_remote_code"]), args["attn_implementation"])
+    else:
+        lm = _load_pretrained(ms, torch_dtype, device, args["device_map"], revision,
+                              bool(args["trust_remote_code"]), args["tokenizer"],
+                              args["attn_implementation"], rest)
+    lm.model_args = dict(model_args or {})
+    return lm
+
+
+def load_tokenizer(spec: "str | os.PathLike[str] | ModelSpec",
+                   model_args: Optional[Mapping[str, Any]] = None):
+    """The tokenizer :func:`load_model` would give ``spec`` with ``model_args``, without the
+    weights (e.g. to check for a chat template before a sweep starts).
+
+    Raises:
+        ConfigError, DataNotFound: as :func:`load_model`.
+    """
+    ms = ModelSpec.parse(spec)
+    own, rest = split_model_args(model_args, ms.kind)
+    tok_src = own.get("tokenizer")
+    trust = bool(own.get("trust_remote_code", False))
+    if tok_src is not None:
+        return _load_tokenizer(os.fspath(tok_src), None, trust, rest)
+    if ms.kind == "arch":
+        return build_offline_tokenizer(arch_config(ms.target).vocab_size)
+    rev = own.get("revision")
+    return _load_tokenizer(ms.target, None if rev is None else str(rev), trust, rest)
 
 
 def _build_arch(ms: ModelSpec, torch_dtype: str, device: str, seed: int, tokenizer,
@@ -445,6 +524,8 @@ def _build_arch(ms: ModelSpec, torch_dtype: str, device: str, seed: int, tokeniz
     model.eval().requires_grad_(False)  # inference only: no autograd bookkeeping
     gc = getattr(model, "generation_config", None)
     if gc is not None:
+        # built from the config, so there is no checkpoint generation_config to keep: its ids
+        # are the offline tokenizer's, as the config's are
         gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = \
             tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     return LoadedModel(model=model, tokenizer=tok, spec=ms, weights="random", name=ms.target,
@@ -455,7 +536,8 @@ def _build_arch(ms: ModelSpec, torch_dtype: str, device: str, seed: int, tokeniz
 
 
 def _load_pretrained(ms: ModelSpec, torch_dtype: str, device, device_map, revision,
-                     trust_remote_code, tokenizer, attn_implementation) -> LoadedModel:
+                     trust_remote_code, tokenizer, attn_implementation,
+                     extra_kwargs: Mapping[str, Any]) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     move_to = None
@@ -468,8 +550,9 @@ def _load_pretrained(ms: ModelSpec, torch_dtype: str, device, device_map, revisi
         else:
             move_to = dev     # transformers needs accelerate for device_map; load, then move
     tok_src = os.fspath(tokenizer) if tokenizer is not None else ms.target
-    tok = _load_tokenizer(tok_src, revision if tokenizer is None else None, trust_remote_code)
-    kwargs: dict[str, Any] = {"revision": revision, "dtype": torch_dtype,
+    tok = _load_tokenizer(tok_src, revision if tokenizer is None else None, trust_remote_code,
+                          extra_kwargs)
+    kwargs: dict[str, Any] = {**extra_kwargs, "revision": revision, "dtype": torch_dtype,
                               "trust_remote_code": trust_remote_code}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -488,6 +571,9 @@ def _load_pretrained(ms: ModelSpec, torch_dtype: str, device, device_map, revisi
     if move_to is not None:
         model.to(move_to)
     model.eval().requires_grad_(False)
+    # the checkpoint's generation_config stays as it is (its EOS ids above all: Llama-3 instruct
+    # models end a turn with <|eot_id|>, which the tokenizer's single eos_token is not); only a
+    # missing pad id is filled in, which generate would otherwise warn about on every call
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     p = next(model.parameters())
@@ -496,8 +582,38 @@ def _load_pretrained(ms: ModelSpec, torch_dtype: str, device, device_map, revisi
                        dtype=str(p.dtype).removeprefix("torch."),
                        device=str(model.get_input_embeddings().weight.device),
                        tokenizer_source=tok_src, n_params=_count_params(model),
-                       extra={"revision": revision})
+                       extra={"revision_requested": revision},
+                       # the commit the hub cache resolved pins the weights even when the
+                       # request was a branch name; None for a local directory
+                       revision=(_resolved_commit(ms.target, revision, model, extra_kwargs)
+                                 if ms.kind == "hub" else None) or revision)
 
 
-__all__ = ["ARCH_PREFIX", "ModelSpec", "LoadedModel", "load_model", "list_arch", "arch_info",
+def _resolved_commit(repo_id: str, revision: Optional[str], model: Any,
+                     hub_kwargs: Mapping[str, Any]) -> Optional[str]:
+    """The commit hash a hub model was loaded at, or None when it cannot be told.
+
+    transformers 4.x records it on the config (``_commit_hash``); 5.x resolves the revision
+    internally and records nothing, so the hash is read from where the loaded config.json lies
+    in the hub cache (``.../snapshots/<commit>/config.json``, the layout huggingface_hub
+    guarantees), looked up at the same revision. Never raises.
+    """
+    h = getattr(getattr(model, "config", None), "_commit_hash", None)
+    if isinstance(h, str) and h:
+        return h
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        sub = hub_kwargs.get("subfolder")
+        path = try_to_load_from_cache(repo_id, f"{sub}/config.json" if sub else "config.json",
+                                      cache_dir=hub_kwargs.get("cache_dir"), revision=revision)
+    except Exception:  # noqa: BLE001 - recording the revision must not fail a load
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        return None  # not cached, or cached as missing
+    m = re.search(r"/snapshots/([0-9a-f]{40})/", Path(path).as_posix())
+    return m.group(1) if m else None
+
+
+__all__ = ["ARCH_PREFIX", "ModelSpec", "LoadedModel", "load_model", "load_tokenizer", "list_arch", "arch_info",
            "arch_config", "build_offline_tokenizer", "offline_tokenizer_path", "cache_dir"]

@@ -1,8 +1,8 @@
 """Runner: one task's requests through Hugging Face ``generate``, measured, as result rows.
 
-This is the only module of the sweep that knows ``transformers``. It takes a loaded model
-(:class:`llm_dvfs.models.LoadedModel`), a task's samples and a :class:`~llm_dvfs.monitor.PowerMonitor`
-and returns one row per request in the ``requests`` schema of :mod:`llm_dvfs.schema`, plus the
+The sweep's calls of ``generate`` (models.py loads the model, stopping.py builds the stop
+checks). It takes a loaded model (:class:`llm_dvfs.models.LoadedModel`), a task's samples and a
+:class:`~llm_dvfs.monitor.PowerMonitor` and returns one row per request in the ``requests`` schema of :mod:`llm_dvfs.schema`, plus the
 ``tokens`` rows. It neither changes clocks nor writes files (that is :mod:`llm_dvfs.sweep.execute`).
 
 Per batch of ``batch_size`` requests (prompts padded on the left, ``batch_index`` recorded):
@@ -13,6 +13,17 @@ Per batch of ``batch_size`` requests (prompts padded on the left, ``batch_index`
    ends the prefill) and the end;
 3. synchronize again, close the window;
 4. outside the window: decode the outputs and score them with the task's metric.
+
+Generation follows Hugging Face and lm-evaluation-harness: EOS ids are the model's
+``generation_config``'s (all of them: Llama-3 instruct models have several), never replaced by
+the tokenizer's single one; a sequence also ends at the task's stop sequences (``Task.stop``,
+e.g. ``"\n"`` after a BoolQ answer) through ``StopStringCriteria``, built once per task outside
+the measured windows (building it reads the whole vocabulary: ~0.1 s for 18k tokens). Each row
+records why its sequence ended (``stop_reason``: ``eos`` | ``stop_string`` | ``max_new_tokens``)
+and how many tokens it generated (``tokens_out``, through the token that ended it). With
+``apply_chat_template`` each prompt is one user turn of the tokenizer's chat template with the
+generation prompt added (``add_generation_prompt=True``), tokenized without adding special
+tokens again (the template has them).
 
 After the cell's last batch the windows are finalised (energy over each window, median observed
 clocks, OR of the clock-event reasons; done once per cell because finalising waits for the
@@ -31,6 +42,7 @@ Warm-up batches (``warmup``) run the cell's own shapes first and are excluded fr
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -39,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from llm_dvfs.errors import ConfigError
+from llm_dvfs.workload.stopping import STOP_REASONS, build_stop_criteria, eos_token_ids, finish_reasons
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +70,10 @@ class GenerationSettings:
         temperature, top_p: sampling parameters (used with ``decoding="sampled"``).
         seed: seeds sampled decoding; each batch is seeded from (seed, cell, batch number), so a
             resumed sweep draws the same tokens as an uninterrupted one.
+        stop_sequences: end a sequence at the task's stop strings (``Task.stop``); off with
+            ``fixed_output_length`` (exactly max_new_tokens tokens means no early stop).
+        apply_chat_template: wrap each prompt in the tokenizer's chat template as one user turn
+            with the generation prompt (ConfigError at :class:`Runner` when it has none).
     """
 
     max_new_tokens: int = 32
@@ -65,6 +82,8 @@ class GenerationSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    stop_sequences: bool = True
+    apply_chat_template: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -76,10 +95,17 @@ class GenerationSettings:
         if not (0 < self.top_p <= 1):
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
-    def generate_kwargs(self, tokenizer: Any) -> dict[str, Any]:
+    def generate_kwargs(self, tokenizer: Any, model: Any = None) -> dict[str, Any]:
+        """``generate`` keyword arguments (stop strings are the runner's: they are per task).
+
+        EOS ids are left to the model's ``generation_config``; only when it has none (and
+        ``model`` is given) is the tokenizer's EOS passed, so that generation can end at all.
+        """
         kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens,
                               "pad_token_id": tokenizer.pad_token_id}
-        if tokenizer.eos_token_id is not None:
+        gc = getattr(model, "generation_config", None)
+        if model is not None and getattr(gc, "eos_token_id", None) is None \
+                and tokenizer.eos_token_id is not None:
             kw["eos_token_id"] = tokenizer.eos_token_id
         if self.fixed_output_length:
             kw["min_new_tokens"] = self.max_new_tokens
@@ -95,12 +121,14 @@ class GenerationSettings:
 # --------------------------------------------------------------------------------------------
 # task adapter: the few things the runner needs from llm_dvfs.workload.tasks
 # --------------------------------------------------------------------------------------------
-def score_batch(task: Any, samples: Sequence[Any], outputs: Sequence[str], loaded: Any) -> list[float]:
+def score_batch(task: Any, samples: Sequence[Any], outputs: Sequence[str], loaded: Any, *,
+                add_special_tokens: bool = True) -> list[float]:
     """Per-request quality by the task's metric (NaN where the task has none).
 
     ``task.scoring`` decides what :meth:`Task.score` gets: ``generate`` the generated text,
     ``loglik`` the log-likelihoods of ``sample.choices`` (HellaSwag; extra forward passes, so
-    call this outside measured windows), ``none`` nothing (NaN).
+    call this outside measured windows), ``none`` nothing (NaN). ``add_special_tokens=False``
+    for prompts that carry their special tokens already (a chat template's).
     """
     scoring = getattr(task, "scoring", "none")
     if scoring == "generate":
@@ -108,7 +136,9 @@ def score_batch(task: Any, samples: Sequence[Any], outputs: Sequence[str], loade
     if scoring == "loglik":
         from llm_dvfs.workload.scoring import sample_logliks
 
-        return [float(task.score(s, sample_logliks(loaded.model, loaded.tokenizer, s))) for s in samples]
+        return [float(task.score(s, sample_logliks(loaded.model, loaded.tokenizer, s,
+                                                   add_special_tokens=add_special_tokens)))
+                for s in samples]
     return [math.nan] * len(samples)
 
 
@@ -300,7 +330,8 @@ class Runner:
             False = one window per batch only (phase columns NaN).
 
     Raises:
-        ConfigError: ``max_new_tokens`` leaves no room for a prompt in the model's context.
+        ConfigError: ``max_new_tokens`` leaves no room for a prompt in the model's context, or
+            ``apply_chat_template`` with a tokenizer that has no chat template.
     """
 
     def __init__(self, loaded: Any, monitor: Any = None,
@@ -318,6 +349,14 @@ class Runner:
             raise ConfigError(f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt "
                               f"in the context of {loaded.spec.raw} ({ctx} tokens)")
         loaded.tokenizer.padding_side = "left"  # decoder-only batched generation pads on the left
+        if settings.apply_chat_template and not getattr(loaded.tokenizer, "chat_template", None):
+            raise ConfigError(f"--apply-chat-template: the tokenizer of {loaded.spec.raw} "
+                              f"({getattr(loaded, 'tokenizer_source', '') or 'its own'}) has no chat "
+                              "template; drop the option, or give a tokenizer that has one "
+                              "(--model-args tokenizer=DIR_OR_HUB_ID)")
+        self.eos_ids = [] if settings.fixed_output_length else eos_token_ids(loaded)
+        # per stop-string tuple: (criteria list for generate, a CPU copy for finish_reasons)
+        self._stop_criteria: dict[tuple[str, ...], tuple[Any, Any]] = {}
 
     def _context_limit(self) -> int:
         cfg = getattr(self.loaded.model, "config", None)
@@ -328,8 +367,46 @@ class Runner:
         return 1 << 30
 
     # -- pieces ------------------------------------------------------------------------------
+    def format_prompt(self, prompt: str) -> str:
+        """The text the model is given: ``prompt`` itself, or with ``apply_chat_template`` one
+        user turn of the tokenizer's chat template followed by its generation prompt."""
+        if not self.settings.apply_chat_template:
+            return prompt
+        return self.loaded.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+    def stop_strings(self, task: Any) -> tuple[str, ...]:
+        """The stop strings generation ends at for ``task``: its ``stop`` unless stop sequences
+        are off or the output length is fixed."""
+        if self.settings.fixed_output_length or not self.settings.stop_sequences:
+            return ()
+        return tuple(s for s in (getattr(task, "stop", ()) or ()) if s)
+
+    def _criteria(self, stops: tuple[str, ...]) -> tuple[Any, Any]:
+        """(``StoppingCriteriaList`` for generate, CPU copy) for ``stops``; (None, None) for none.
+
+        Built once per stop tuple (:func:`~llm_dvfs.workload.stopping.build_stop_criteria`:
+        ``generate(stop_strings=..., tokenizer=...)`` would rebuild it inside every measured
+        window).
+        """
+        if not stops:
+            return None, None
+        if stops not in self._stop_criteria:
+            self._stop_criteria[stops] = build_stop_criteria(self.loaded.tokenizer, stops)
+        return self._stop_criteria[stops]
+
+    def generate_kwargs(self, stops: tuple[str, ...] = ()) -> dict[str, Any]:
+        """``generate`` keyword arguments for a task with stop strings ``stops``."""
+        kw = self.settings.generate_kwargs(self.loaded.tokenizer, self.loaded.model)
+        crit, _ = self._criteria(stops)
+        if crit is not None:
+            kw["stopping_criteria"] = crit
+        return kw
+
     def encode(self, prompts: Sequence[str]) -> tuple[dict[str, Any], list[int]]:
-        """Tokenize a batch (left padded; truncated on the left to fit the context).
+        """Tokenize a batch of model inputs (left padded; truncated on the left to fit the
+        context). Special tokens are added as the tokenizer does, except for chat-templated
+        prompts, which carry them already.
 
         Returns (``input_ids``/``attention_mask`` on the model's device, unpadded prompt
         lengths in tokens).
@@ -339,7 +416,8 @@ class Runner:
         tok.truncation_side = "left"  # keep the end of the prompt: the question and the cue
         try:
             enc = tok(list(prompts), return_tensors="pt", padding=True, truncation=True,
-                      max_length=self._max_prompt_tokens)
+                      max_length=self._max_prompt_tokens,
+                      add_special_tokens=not self.settings.apply_chat_template)
         finally:
             tok.truncation_side = side
             # a fast tokenizer leaves padding/truncation switched on in its Rust backend; code
@@ -351,25 +429,30 @@ class Runner:
         lengths = [int(x) for x in enc["attention_mask"].sum(dim=1).tolist()]
         return {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}, lengths
 
-    def out_lengths(self, out: Any, prompt_len: int) -> list[int]:
-        """Generated tokens per row: up to and including the first EOS (padding after it is
-        not output)."""
-        from llm_dvfs.meter.timeline import tokens_per_sequence
+    def finish(self, out: Any, prompt_len: int, stops: tuple[str, ...] = ()) -> tuple[list[int], list[str]]:
+        """Tokens generated and stop reason per row (:func:`finish_reasons` with this model's
+        EOS ids and the criterion generate used for ``stops``)."""
+        return finish_reasons(out, prompt_len, eos_ids=self.eos_ids, stop=self._criteria(stops)[1])
 
-        eos = None if self.settings.fixed_output_length else self.loaded.tokenizer.eos_token_id
-        return [int(n) for n in tokens_per_sequence(out, prompt_len, eos)]
+    def out_lengths(self, out: Any, prompt_len: int, stops: tuple[str, ...] = ()) -> list[int]:
+        """Generated tokens per row: up to and including the token that ended it (an EOS id of
+        the generation config, or the one completing a stop string); padding after it is not
+        output."""
+        return self.finish(out, prompt_len, stops)[0]
 
-    def warmup(self, prompts: Sequence[str], batch_size: int, n_batches: int = 1) -> float:
-        """Run ``n_batches`` unmeasured batches of ``batch_size`` (prompts reused cyclically);
-        returns the wall time spent, s."""
+    def warmup(self, prompts: Sequence[str], batch_size: int, n_batches: int = 1,
+               stops: tuple[str, ...] = ()) -> float:
+        """Run ``n_batches`` unmeasured batches of ``batch_size`` (task prompts, formatted as
+        the measured ones are, reused cyclically); returns the wall time spent, s."""
         if n_batches <= 0 or not prompts:
             return 0.0
         import torch
 
         t0 = time.monotonic()
-        kwargs = self.settings.generate_kwargs(self.loaded.tokenizer)
+        kwargs = self.generate_kwargs(stops)
         for b in range(n_batches):
-            inputs, _ = self.encode([prompts[(b * batch_size + i) % len(prompts)] for i in range(batch_size)])
+            batch = [prompts[(b * batch_size + i) % len(prompts)] for i in range(batch_size)]
+            inputs, _ = self.encode([self.format_prompt(p) for p in batch])
             with torch.inference_mode():
                 self.loaded.model.generate(**inputs, **kwargs)
         if self.device.startswith("cuda"):
@@ -384,9 +467,10 @@ class Runner:
         """Measure every sample of ``samples`` once, in batches of ``batch_size``.
 
         Args:
-            task: the :class:`llm_dvfs.tasks.Task` (quality metric and scoring).
-            samples: its :class:`~llm_dvfs.tasks.Sample` s (prompt already templated), in run
-                order (the last batch may be smaller).
+            task: the :class:`llm_dvfs.tasks.Task` (quality metric, scoring, stop strings).
+            samples: its :class:`~llm_dvfs.tasks.Sample` s (the task's template applied; the
+                chat template, when on, is applied here), in run order (the last batch may be
+                smaller).
             batch_size: requests per ``generate`` call (≥ 1).
             cell_id: recorded in every row; request ids are ``cell_id|sample id|position``.
             context: columns common to the cell's rows (``task``, the clock settings requested,
@@ -408,7 +492,12 @@ class Runner:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         lm = self.loaded
+        raw_prompts = [s.prompt for s in samples]
+        if self.settings.apply_chat_template:
+            # the scorer sees what the model saw (HellaSwag's log-likelihoods follow the prompt)
+            samples = [dataclasses.replace(s, prompt=self.format_prompt(s.prompt)) for s in samples]
         prompts = [s.prompt for s in samples]
+        stops = self.stop_strings(task)
         feat_rows: list[dict[str, float]] = [{} for _ in samples]
         if features is not None and len(features.columns):
             if len(features) != len(samples):
@@ -418,8 +507,8 @@ class Runner:
         metric = str(getattr(task, "metric", "") or "")
         res = CellRows()
         if warmup:
-            self.warmup(prompts, batch_size, warmup)
-        kwargs = self.settings.generate_kwargs(lm.tokenizer)
+            self.warmup(raw_prompts, batch_size, warmup, stops)
+        kwargs = self.generate_kwargs(stops)
         pending: list[tuple[_Pending, list[dict[str, Any]]]] = []
         n_trunc = 0
         for b0 in range(0, len(samples), batch_size):
@@ -432,14 +521,23 @@ class Runner:
             with torch.inference_mode():
                 out, pend = self._instrument.run(lm.model, inputs, kwargs)
             prompt_len = int(inputs["input_ids"].shape[1])
-            out_lens = self.out_lengths(out, prompt_len)
+            out_lens, reasons = self.finish(out, prompt_len, stops)
+            if pend.timing is not None:
+                # the timer counts to the first EOS only; a row ended by a stop string is
+                # padded after it, and those steps are not its tokens (energy split included)
+                import numpy as np
+                pend.timing = dataclasses.replace(pend.timing,
+                                                  tokens_per_sequence=np.asarray(out_lens, dtype=np.int64))
             new_ids = out[:, prompt_len:].detach().cpu()
             texts = [lm.tokenizer.decode(new_ids[k, :out_lens[k]], skip_special_tokens=True)
                      for k in range(len(idx))]
             # outside the window: quality (may run forward passes, e.g. HellaSwag)
-            qual = score_batch(task, [samples[i] for i in idx], texts, lm)
+            qual = score_batch(task, [samples[i] for i in idx], texts, lm,
+                               add_special_tokens=not self.settings.apply_chat_template)
             rows = self._rows(idx, samples, prompts, texts, lengths, out_lens, qual, feat_rows,
                               cell_id, context, metric, repeat, batch_size)
+            for row, why in zip(rows, reasons):
+                row["stop_reason"] = why
             res.requests.extend(rows)
             pending.append((pend, rows))
             if progress is not None:
@@ -529,6 +627,8 @@ class Runner:
                 "gpu_name": self.gpu_name,
                 "tokens_in": int(lengths[k]),
                 "tokens_out": int(out_lens[k]),
+                # the commit that pins the weights (None for arch: and local models)
+                "revision": getattr(lm, "revision", None),
                 "quality_metric": metric or None,
                 "quality": qual[k],
                 # null when there is no score to judge (no metric, not scored); False when the
@@ -553,12 +653,12 @@ def bare_generate(loaded: Any, prompts: Sequence[str], batch_size: int,
     import torch
 
     r = Runner(loaded, None, settings, token_timing=False)
-    kwargs = settings.generate_kwargs(loaded.tokenizer)
+    kwargs = r.generate_kwargs()
     n_tok = 0
     dev = str(loaded.device)
     t0 = time.perf_counter()
     for b0 in range(0, len(prompts), batch_size):
-        inputs, _ = r.encode(prompts[b0:b0 + batch_size])
+        inputs, _ = r.encode([r.format_prompt(p) for p in prompts[b0:b0 + batch_size]])
         with torch.inference_mode():
             out = loaded.model.generate(**inputs, **kwargs)
         n_tok += sum(r.out_lengths(out, int(inputs["input_ids"].shape[1])))
@@ -568,4 +668,4 @@ def bare_generate(loaded: Any, prompts: Sequence[str], batch_size: int,
 
 
 __all__ = ["GenerationSettings", "Runner", "CellRows", "BatchMeasurement", "DECODING_MODES",
-           "score_batch", "bare_generate"]
+           "STOP_REASONS", "score_batch", "bare_generate", "eos_token_ids", "finish_reasons"]

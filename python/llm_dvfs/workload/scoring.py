@@ -15,7 +15,8 @@ from typing import Any, Optional, Sequence
 from llm_dvfs.workload.tasks.base import LoglikResult, Sample
 
 
-def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer: Any, context: str, continuation: str, *,
+                add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) of a pair, split as lm-evaluation-harness splits it.
 
     Trailing whitespace of the context moves to the continuation (``"Answer: "`` + ``"yes"`` is
@@ -23,7 +24,8 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     ids are those of ``tokenize(context + continuation)`` beyond the length of
     ``tokenize(context)``, special tokens (e.g. a BOS) added as the tokenizer does by default. An
     empty context becomes the BOS token (EOS where there is none), unless the continuation already
-    starts with it, in which case that token is the context.
+    starts with it, in which case that token is the context. ``add_special_tokens=False`` adds
+    none, for a context that carries them already (a chat-templated prompt).
 
     Returns:
         Two lists of token ids; the continuation's may be empty (a continuation that tokenises
@@ -39,8 +41,8 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     if n_space:
         continuation = context[-n_space:] + continuation
         context = context[:-n_space]
-    whole = list(tokenizer(context + continuation)["input_ids"])
-    ctx = list(tokenizer(context)["input_ids"])
+    whole = list(tokenizer(context + continuation, add_special_tokens=add_special_tokens)["input_ids"])
+    ctx = list(tokenizer(context, add_special_tokens=add_special_tokens)["input_ids"])
     return ctx, whole[len(ctx):]
 
 
@@ -110,14 +112,15 @@ def token_logliks(model: Any, pairs: Sequence[tuple[Sequence[int], Sequence[int]
 
 
 def choice_logliks(model: Any, tokenizer: Any, context: str,
-                   continuations: Sequence[str]) -> list[LoglikResult]:
+                   continuations: Sequence[str], *, add_special_tokens: bool = True) -> list[LoglikResult]:
     """Log-likelihood of each continuation after ``context``, in one batched forward pass.
 
     Tokenisation follows lm-evaluation-harness (:func:`encode_pair`): trailing whitespace of
     the context moves to the continuation; the continuation's tokens are those of
     ``tokenize(context + continuation)`` beyond the length of ``tokenize(context)``. Special
-    tokens (e.g. a BOS) are added as the tokenizer does by default; an empty context starts from
-    BOS (or EOS). Sums are in nats, computed in float32.
+    tokens (e.g. a BOS) are added as the tokenizer does by default (``add_special_tokens=False``:
+    none, for a context that carries them already, as a chat-templated prompt does); an empty
+    context starts from BOS (or EOS). Sums are in nats, computed in float32.
 
     Args:
         model: a causal LM (``model(input_ids, attention_mask).logits``).
@@ -135,7 +138,7 @@ def choice_logliks(model: Any, tokenizer: Any, context: str,
         return []
     pairs = []
     for c in continuations:
-        ctx, cont = encode_pair(tokenizer, context, c)
+        ctx, cont = encode_pair(tokenizer, context, c, add_special_tokens=add_special_tokens)
         if not cont:
             raise ValueError(f"continuation {c!r} has no tokens of its own after the context")
         pairs.append((ctx, cont))
@@ -143,11 +146,13 @@ def choice_logliks(model: Any, tokenizer: Any, context: str,
     return token_logliks(model, pairs, pad_token_id=pad)
 
 
-def sample_logliks(model: Any, tokenizer: Any, sample: Sample) -> list[LoglikResult]:
+def sample_logliks(model: Any, tokenizer: Any, sample: Sample, *,
+                   add_special_tokens: bool = True) -> list[LoglikResult]:
     """:func:`choice_logliks` of ``sample.choices`` after ``sample.prompt`` (for ``loglik`` tasks)."""
     if not sample.choices:
         raise ValueError(f"sample {sample.sample_id} has no choices to score")
-    return choice_logliks(model, tokenizer, sample.prompt, sample.choices)
+    return choice_logliks(model, tokenizer, sample.prompt, sample.choices,
+                          add_special_tokens=add_special_tokens)
 
 
 __all__ = ["encode_pair", "fed_tokens", "token_logliks", "choice_logliks", "sample_logliks"]

@@ -57,8 +57,10 @@ class Task:
         metric: metric name written to results' ``quality_metric`` ("" when the task has none).
         scoring: ``"generate"`` | ``"loglik"`` | ``"none"`` (see module doc).
         template: ``str.format`` template over the task's fields.
-        stop: strings after which generated text is irrelevant to the metric (a runner may stop
-            generation there; :meth:`score` cuts there anyway).
+        stop: stop sequences, as lm-evaluation-harness' ``until``: generation of a request ends
+            once its text completes one of them (the runner passes them to ``generate`` as stop
+            strings; the text after them is never scored, so tokens spent there are wasted
+            energy). Empty = run to EOS or max_new_tokens.
         dataset_id, dataset_config, split: the hub source (None for file and synthetic tasks).
         file: the local data file, or None.
         columns: canonical field -> column name in the source.
@@ -190,7 +192,7 @@ class Task:
     def describe(self) -> dict[str, Any]:
         """JSON-able summary for a run manifest."""
         return {"task": self.name, "source": self.source(), "metric": self.metric,
-                "scoring": self.scoring, "template": self.template,
+                "scoring": self.scoring, "template": self.template, "stop": list(self.stop),
                 "columns": {k: v for k, v in self.columns.items() if k != v}}
 
     def __repr__(self) -> str:

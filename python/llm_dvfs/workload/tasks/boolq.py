@@ -15,6 +15,7 @@ class BoolQTask(Task):
     Scored by generation: the first word of the generated text must be ``yes`` or ``no`` (case and
     leading punctuation ignored) and match the answer; anything else scores 0. Given the two
     log-likelihoods of ``sample.choices`` = (" no", " yes") instead, the larger one is the answer.
+    Generation stops at the first newline (``stop``): the answer is one word on the answer line.
     """
     name = "boolq"
     metric = "accuracy"

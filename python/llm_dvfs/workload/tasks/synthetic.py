@@ -82,6 +82,6 @@ class SyntheticTask(Task):
 
     def describe(self) -> dict[str, Any]:
         return {"task": self.name, "source": "generated", "metric": "", "scoring": "none",
-                "template": self.template, "min_words": self.min_words,
+                "template": self.template, "stop": list(self.stop), "min_words": self.min_words,
                 "max_words": self.max_words, "max_entity_density": self.max_entity_density,
                 "max_digit_rate": self.max_digit_rate}

@@ -40,7 +40,9 @@ class TruthfulQATask(Task):
     metric = "rougeL_f1_diff"
     scoring = "generate"
     default_template = "Q: {question}\nA:"
-    stop = ("\n\n", "\nQ:")
+    # the score reads the answer's first line only: a newline ends what is scored (lm-eval's
+    # truthfulqa_gen stops at a blank line, and so spends tokens on lines nobody scores)
+    stop = ("\n",)
     dataset_id = "truthfulqa/truthful_qa"
     dataset_config = "generation"
     fields = ("question", "best_answer", "correct_answers", "incorrect_answers")
