@@ -1,0 +1,1 @@
+"""Test servers (stdlib) started by the tests."""
