@@ -2,6 +2,7 @@
 GPU bursts. Read-only: nothing here changes a GPU setting."""
 from __future__ import annotations
 
+import random
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -23,7 +24,10 @@ def _torch_cuda(device: int) -> Any:
 
 
 def _bursts(torch: Any, device: int, n: int, on_s: float, off_s: float, now_s) -> list[tuple[float, float]]:
-    """n GPU-bound bursts with idle gaps; returns their [start, end] host times (synchronised)."""
+    """n GPU-bound bursts with idle gaps; returns their [start, end] host times (synchronised).
+    The gaps vary by up to 20 ms so that the burst edges fall at every phase of the buffer's
+    ~20 ms sample grid (the estimate then holds the average hold delay, not one phase's)."""
+    rng = random.Random(0)
     dev = torch.device("cuda", device)
     a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
     for _ in range(3):
@@ -31,7 +35,7 @@ def _bursts(torch: Any, device: int, n: int, on_s: float, off_s: float, now_s) -
     torch.cuda.synchronize(dev)
     out = []
     for _ in range(n):
-        time.sleep(off_s)
+        time.sleep(off_s + rng.uniform(0.0, 0.02))
         torch.cuda.synchronize(dev)
         t0 = now_s()
         while now_s() - t0 < on_s:
@@ -43,7 +47,7 @@ def _bursts(torch: Any, device: int, n: int, on_s: float, off_s: float, now_s) -
     return out
 
 
-def measure(device: int = 0, *, seconds: float = 2.0, bursts: Optional[bool] = None, n_bursts: int = 6,
+def measure(device: int = 0, *, seconds: float = 2.0, bursts: Optional[bool] = None, n_bursts: int = 10,
             workload: Optional[Callable[[], Sequence[tuple[float, float]]]] = None) -> SensorModel:
     """Measure the sensor model of CUDA device ``device`` (a few seconds, read-only).
 
