@@ -11,7 +11,17 @@ from llm_dvfs import schema as results
 from llm_dvfs.errors import ConfigError
 from llm_dvfs.meter.attribution import PowerTrace
 from llm_dvfs.meter.concurrency import (ENGINE_STEPS, TOKEN_TIMESTAMPS, EngineStep, PhaseWeights,
-                                        ServedRequest, attribute_served)
+                                        ServedRequest)
+from llm_dvfs.meter.concurrency import attribute_served as _attribute_served
+
+# The hand-computed cases below use equal weights; the default (0.31 : 1, measured) is tested
+# on its own.
+EQUAL = PhaseWeights(1.0, 1.0, source="test: equal weights")
+
+
+def attribute_served(*args, **kwargs):
+    kwargs.setdefault("weights", EQUAL)
+    return _attribute_served(*args, **kwargs)
 
 IDLE_W = 100.0
 
@@ -194,7 +204,8 @@ def test_prefill_decode_weights_3_to_1_by_hand():
 
 
 def test_phase_weights_validation_and_ratio():
-    assert PhaseWeights().ratio == 1.0 and "bench/phase_weights.py" in PhaseWeights().source
+    assert PhaseWeights().ratio == pytest.approx(0.31) and "measured" in PhaseWeights().source
+    assert "bench/phase_weights.py" in PhaseWeights().source
     assert PhaseWeights(3.0, 1.5).ratio == 2.0 and PhaseWeights(3.0, 1.5).work(2, 4) == 12.0
     for bad in ((-1.0, 1.0), (0.0, 0.0), (math.nan, 1.0), (1.0, math.inf)):
         with pytest.raises(ConfigError):
