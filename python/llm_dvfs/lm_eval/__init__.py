@@ -4,7 +4,7 @@ Any harness task runs through a Hugging Face model loaded by llm_dvfs, every req
 (energy, latency, tokens, per task totals) into an llm_dvfs run directory, while the harness
 builds the prompts and scores the answers::
 
-    pip install 'llm_dvfs[lm_eval]'
+    pip install 'llm_dvfs[lm-eval]'
     python -m llm_dvfs.lm_eval --model llm_dvfs-hf --tasks hellaswag \\
         --model_args pretrained=meta-llama/Llama-3.2-1B,dtype=bfloat16,batch_size=8,out=runs/hs
 
@@ -32,13 +32,13 @@ def register() -> type:
     """Register ``llm_dvfs-hf`` with lm-eval (idempotent) and return the model class.
 
     Raises:
-        ImportError: lm-eval is not installed (``pip install 'llm_dvfs[lm_eval]'``).
+        ImportError: lm-eval is not installed (``pip install 'llm_dvfs[lm-eval]'``).
     """
     try:
         from llm_dvfs.lm_eval.model import LlmDvfsLM
     except ImportError as e:
         if e.name is not None and e.name.split(".")[0] == "lm_eval":
-            raise ImportError(f"{MODEL_NAME} needs lm-evaluation-harness: pip install 'llm_dvfs[lm_eval]' "
+            raise ImportError(f"{MODEL_NAME} needs lm-evaluation-harness: pip install 'llm_dvfs[lm-eval]' "
                               f"(or pip install lm-eval); {e}") from e
         raise
     return LlmDvfsLM
