@@ -1,6 +1,8 @@
 """What the meter costs: sampler CPU time, and the slowdown it causes to the measured work.
 
-(a) CPU seconds of the sampler thread per wall second, at the default and the fastest settings.
+(a) CPU seconds of the sampler thread per wall second, at the default and the fastest settings,
+    and at the defaults with back-to-back 1 s windows (each edge's counter bracket: reads until
+    the counter changes, ~100 ms of ~3 ms reads on an H200; PowerMonitor(bracket_edges=...)).
 (b) Slowdown of a Python-heavy loop and (with a GPU) of Hugging Face ``generate`` on a
     Llama-3.2-1B-shaped model in bf16 (random weights, batch 1, 128 new tokens), comparing:
     no meter | PowerMonitor (defaults) | a Python thread polling NVML via pynvml at the same
@@ -58,14 +60,22 @@ class PynvmlPoller:
         self.nv.nvmlShutdown()
 
 
-def meter_cpu(settings: dict, seconds: float) -> float:
+def meter_cpu(settings: dict, seconds: float, window_s: Optional[float] = None) -> tuple[float, dict]:
+    """Sampler CPU s per wall s; with ``window_s``, back-to-back windows of that length (their
+    edges' counter brackets included). Also the stats' deltas."""
     import llm_dvfs as ld
 
     with ld.PowerMonitor(devices=[0], **settings) as mon:
-        c0, t0 = mon.stats()["thread_cpu_s"], time.monotonic()
-        time.sleep(seconds)
+        s0, t0 = mon.stats(), time.monotonic()
+        if window_s is None:
+            time.sleep(seconds)
+        else:
+            while time.monotonic() - t0 < seconds:
+                with mon.window("w", sync=False):
+                    time.sleep(window_s)
         s = mon.stats()
-        return (s["thread_cpu_s"] - c0) / (time.monotonic() - t0)
+        delta = {k: s[k] - s0[k] for k in ("thread_cpu_s", "counter_reads", "brackets", "bracket_reads")}
+        return delta["thread_cpu_s"] / (time.monotonic() - t0), delta
 
 
 def python_loop() -> float:
@@ -142,10 +152,13 @@ def main() -> int:
         return 0
     out: dict = {"device": devs[0].name}
     print(f"device: {devs[0].name}")
-    for name, s in (("default", DEFAULT), ("fastest", FASTEST)):
-        frac = meter_cpu(s, args.cpu_seconds)
+    for name, s, win in (("default", DEFAULT, None), ("fastest", FASTEST, None),
+                         ("default_1s_windows", DEFAULT, 1.0)):
+        frac, delta = meter_cpu(s, args.cpu_seconds, win)
         out[f"cpu_{name}"] = frac
-        print(f"(a) sampler CPU at {name:8s} {s}: {100 * frac:.3f} % of one core")
+        out[f"stats_{name}"] = delta
+        extra = f" ({delta['brackets']} edge brackets, {delta['bracket_reads']} bracket reads)" if win else ""
+        print(f"(a) sampler CPU at {name:18s} {s}: {100 * frac:.3f} % of one core{extra}")
     try:
         import pynvml  # noqa: F401
         have_pynvml = True

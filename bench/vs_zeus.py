@@ -20,8 +20,10 @@ Phases (GPU --device, default 0):
 
 1. Long windows: --trials windows of 0.5 s idle + --load-s of random bf16 8192² matmul bursts (the load
    of bench/energy_accuracy.py) + 0.5 s idle. Signed error against the truth of llm_dvfs
-   ``with mon.window()`` (energy_j, energy_method), its counter delta (energy_j_counter), Zeus
-   ``PowerMonitor.get_energy`` over the same interval, and a ZeusMonitor window around it.
+   ``with mon.window()`` (energy_j, energy_method; per trial also the rule, ``calibration``:
+   counter_edges or counter, and the ``gain`` applied; the raw buffer's error), its counter delta
+   (energy_j_counter), Zeus ``PowerMonitor.get_energy`` over the same interval, and a ZeusMonitor
+   window around it.
 2. Per-request energy: GPU-bound requests of k x six bf16 8192² matmuls (default k = 5, 30, 200:
    about 40 ms, 300 ms, 2 s), launched without synchronisation, in shuffled order with random idle
    gaps. Truth per request type by repetition: the same request back-to-back in one long block
@@ -37,7 +39,9 @@ Phases (GPU --device, default 0):
    variant's tokens/s is divided by the no-meter run of the same round; median ratio and bootstrap
    95 % CI (10 000 resamples, seeded). Monitors are started before and stopped after each timed
    generate (their start-up is not timed). Sampler CPU per wall second: llm_dvfs from
-   PowerMonitor.stats()['thread_cpu_s'], Zeus from /proc/PID/stat of its poller processes.
+   PowerMonitor.stats()['thread_cpu_s'] (read after the window's end-edge bracket, so the counter
+   reads that bracket both edges are included; brackets and their reads are counted per run), Zeus
+   from /proc/PID/stat of its poller processes.
 
 Truth for phases 1 and 2 is the GPU's energy counter (nvmlDeviceGetTotalEnergyConsumption) read by this
 script through ctypes, independently of llm_dvfs and Zeus. The counter changes only every ~100 ms, so
@@ -398,8 +402,9 @@ def long_window_trial(ctx: Ctx, trial: int, load_s: float, rng: random.Random) -
         "idle_w": [span.start.power_w, span.end.power_w],
         "edge_slivers_s": [a - span.start.t_s, span.end.t_s - b],
         "avg_power_w": m.avg_power_w,
-        "gain": getattr(d, "gain", None), "calibration": getattr(d, "calibration", None),
-        "lag_s": getattr(d, "lag_s", None),
+        "gain": getattr(d, "gain", None), "gain_se": getattr(d, "gain_se", None),
+        "gain_span_s": getattr(d, "gain_span_s", None), "calibration": getattr(d, "calibration", None),
+        "edges": getattr(d, "edges", None), "lag_s": getattr(d, "lag_s", None),
     }
 
 
@@ -415,20 +420,28 @@ def phase_long_windows(ctx: Ctx, args: argparse.Namespace) -> dict:
     heads = {"llm_dvfs": "llm_dvfs %", "counter_delta": "ctr Δ %", "zeus_power_monitor": "zeusPM %",
              "zeus_monitor": "zeusMon %"}
     cols = lambda vals: " ".join(f"{v:>10}" for v in vals)  # noqa: E731
-    log(f"{'trial':>5} {'dur s':>6} {'truth J':>9} {'llm_dvfs J':>10} {'method':>8} "
-        + cols(heads[m] for m in methods))
+    log(f"{'trial':>5} {'dur s':>6} {'truth J':>9} {'llm_dvfs J':>10} {'method':>8} {'calibration':>13} "
+        f"{'gain':>7} " + cols(heads[m] for m in methods) + f" {'buffer %':>9}")
     rows = []
     for trial in range(args.trials):
         r = long_window_trial(ctx, trial, args.load_s, rng)
         rows.append(r)
         log(f"{trial:>5} {r['duration_s']:>6.2f} {r['truth_j']:>9.1f} {r['llm_dvfs_j']:>10.1f} "
-            f"{r['energy_method']:>8} " + cols(fmt(r["err_pct"][m]) for m in methods))
+            f"{r['energy_method']:>8} {str(r['calibration']):>13.13} {fmt(r['gain'], '.4f'):>7} "
+            + cols(fmt(r["err_pct"][m]) for m in methods)
+            + f" {fmt(r['err_pct_by_source'].get('buffer')):>9}")
+        if r["calibration"] != "counter_edges":
+            log(f"      not stitched to the counter's change instants: {r['edges']}")
     summary = {k: nan_stats([r["err_pct"][k] for r in rows]) for k in methods}
     for label, key in (("mean", "mean"), ("|mean|", "mean_abs"), ("max||", "max_abs")):
-        log(f"{label:>5} {'':>6} {'':>9} {'':>10} {'':>8} "
+        log(f"{label:>5} {'':>6} {'':>9} {'':>10} {'':>8} {'':>13} {'':>7} "
             + cols(fmt(summary[m][key], "+.2f" if key == "mean" else ".2f") for m in methods))
-    log("   % = signed error against the truth of each method's own interval (mean |error| in |mean|)")
-    return {"truth_method": TRUTH_METHOD, "trials": rows, "summary_err_pct": summary}
+    log("   % = signed error against the truth of each method's own interval (mean |error| in |mean|); "
+        "calibration: counter_edges = energy from the counter at the change instants bracketed at the "
+        "window's edges (gain = that / raw buffer), counter = buffer x running gain; buffer % = raw buffer")
+    used = {str(c): sum(r["calibration"] == c for r in rows) for c in {r["calibration"] for r in rows}}
+    log(f"   rule per trial: {used}")
+    return {"truth_method": TRUTH_METHOD, "trials": rows, "summary_err_pct": summary, "calibration_counts": used}
 
 
 # -- phase 2 ---------------------------------------------------------------------------------------
@@ -615,13 +628,18 @@ def run_variant(name: str, gen: Callable[[], int], device: int, zeus: Optional[Z
         res["startup_s"] = time.monotonic() - ts
         try:
             sync()
-            c0 = mon.stats()["thread_cpu_s"]
+            s0 = mon.stats()
             t0 = time.monotonic()
-            with mon.window("generate") as w:
+            with mon.window("generate") as w:  # bracket_edges on (the default): both edges bracketed
                 n = gen()
             t1 = time.monotonic()
-            res["cpu_s"] = mon.stats()["thread_cpu_s"] - c0
-            res["energy_j"] = w.energy_j
+            res["energy_j"] = w.energy_j  # waits for the end edge's bracket to finish
+            s1 = mon.stats()
+            # CPU read after the end bracket: the counter reads of both edges' brackets are in it
+            res["cpu_s"] = s1["thread_cpu_s"] - s0["thread_cpu_s"]
+            res.update(brackets=s1["brackets"] - s0["brackets"],
+                       bracket_reads=s1["bracket_reads"] - s0["bracket_reads"],
+                       calibration=w.devices[device].calibration if device in w.devices else None)
         finally:
             mon.stop()
     elif name == "zeus_power_monitor":
@@ -697,6 +715,13 @@ def phase_throughput(device: int, zeus: Optional[ZeusSide], args: argparse.Names
         ci = "" if v == "none" else f"[{fmt(lo, '.4f')}, {fmt(hi, '.4f')}]"
         log(f"{v:>19} {s['tok_s_median']:>9.1f} {fmt(med, '.4f'):>9} {ci:>17} "
             f"{fmt(100 * cpu_frac, '.3f'):>9} {s['startup_s_median']:>7.2f} {fmt(s['energy_j_median'], '.1f'):>10}")
+    br = [x for x in runs if x["variant"] == "llm_dvfs" and "brackets" in x]
+    if br and "llm_dvfs" in summary:
+        summary["llm_dvfs"]["brackets_median"] = float(np.median([x["brackets"] for x in br]))
+        summary["llm_dvfs"]["bracket_reads_median"] = float(np.median([x["bracket_reads"] for x in br]))
+        log(f"   llm_dvfs: window-edge brackets on, median {summary['llm_dvfs']['brackets_median']:.0f} brackets and "
+            f"{summary['llm_dvfs']['bracket_reads_median']:.0f} counter reads per generate; their CPU is in CPU %core "
+            "(read after the end edge's bracket, over the generate's wall time)")
     log("   ratio = tokens/s over the same round's no-meter run (median, bootstrap 95 % CI of the median); "
         "CPU = sampler CPU s per wall s during the timed generate (Zeus: its poller processes; "
         "ZeusMonitor has no poller on a GPU with an energy counter)")

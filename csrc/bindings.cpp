@@ -155,7 +155,8 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<PowerSampler>(m, "PowerSampler")
       .def(py::init([](std::vector<unsigned> idx, double buffer_period_s, double poll_period_s,
-                       double counter_period_s, size_t capacity, bool poll_clocks) {
+                       double counter_period_s, size_t capacity, bool poll_clocks,
+                       bool bracket_edges) {
              SamplerConfig c;
              c.nvml_indices = std::move(idx);
              c.buffer_period_s = buffer_period_s;
@@ -163,21 +164,27 @@ PYBIND11_MODULE(_core, m) {
              c.counter_period_s = counter_period_s;
              c.capacity = capacity;
              c.poll_clocks = poll_clocks;
+             c.bracket_edges = bracket_edges;
              return std::make_unique<PowerSampler>(std::move(c));
            }),
            py::arg("nvml_indices"), py::arg("buffer_period_s") = 0.25,
            py::arg("poll_period_s") = 0.05, py::arg("counter_period_s") = 1.0,
-           py::arg("capacity") = 1u << 19, py::arg("poll_clocks") = true)
+           py::arg("capacity") = 1u << 19, py::arg("poll_clocks") = true,
+           py::arg("bracket_edges") = true)
       .def("start", &PowerSampler::start, py::call_guard<py::gil_scoped_release>())
       .def("stop", &PowerSampler::stop, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("running", &PowerSampler::running)
-      .def("request_counter", &PowerSampler::request_counter,
-           py::call_guard<py::gil_scoped_release>())
+      .def("request_counter", &PowerSampler::request_counter, py::arg("bracket") = true,
+           py::call_guard<py::gil_scoped_release>(),
+           "Ask for a counter read now (a window edge); bracket: read until the value changes "
+           "(when the sampler was built with bracket_edges).")
       .def("flush", &PowerSampler::flush, py::arg("timeout_s") = 1.0,
            py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("pending", &PowerSampler::pending)
       .def_property_readonly("clock_offset_ns", &PowerSampler::clock_offset_ns)
       .def_property_readonly("capacity", [](const PowerSampler& s) { return s.config().capacity; })
+      .def_property_readonly("bracket_edges",
+                             [](const PowerSampler& s) { return s.config().bracket_edges; })
       .def("drain",
            [](PowerSampler& s) {
              std::vector<Record> recs;
@@ -227,6 +234,9 @@ PYBIND11_MODULE(_core, m) {
         o["counter_reads"] = st.counter_reads;
         o["buffer_samples"] = st.buffer_samples;
         o["errors"] = st.errors;
+        o["brackets"] = st.brackets;
+        o["bracket_reads"] = st.bracket_reads;
+        o["brackets_unresolved"] = st.brackets_unresolved;
         o["dropped"] = st.dropped;
         o["pushed"] = st.pushed;
         o["thread_cpu_s"] = st.thread_cpu_s;

@@ -39,6 +39,13 @@ constexpr int64_t kClockStepNs = 50000000;
 constexpr int64_t kFutureSlackNs = 1000000;
 // Largest sample array grown on the driver's NVML_ERROR_INSUFFICIENT_SIZE (1 MiB).
 constexpr unsigned kMaxSampleBuf = 1u << 16;
+// A bracket reads the counter until its value changes (every ~100 ms on H100/H200) or this long
+// after its first read: a change a little later than one period is still caught.
+constexpr int64_t kBracketMaxNs = 130000000;
+// At most one bracket read starts per this interval. An H200 read takes ~3 ms, so reads run back
+// to back; a driver answering in microseconds (the emulator) would otherwise make it a busy loop.
+// It bounds the bracket's width, the change instant's uncertainty, from below.
+constexpr int64_t kBracketSpacingNs = 1000000;
 
 unsigned long long shift_us(unsigned long long us, int64_t by_ns) {
   const int64_t v = static_cast<int64_t>(us) + by_ns / 1000;
@@ -91,6 +98,8 @@ void PowerSampler::start() {
   }
   nvml_ = std::move(session);
   devs_ = std::move(devs);
+  bracketing_ = false;
+  bracket_deadline_ns_ = 0;
   offset_ns_.store(offset, std::memory_order_relaxed);
   // One counter read before any window can open, so the first window's start is bracketed.
   // This thread is the ring's producer until the sampler thread starts (thread creation
@@ -123,9 +132,10 @@ void PowerSampler::stop() {
   nvml_.reset();
 }
 
-void PowerSampler::request_counter() {
+void PowerSampler::request_counter(bool bracket) {
   {
     std::lock_guard<std::mutex> l(mu_);
+    if (bracket && cfg_.bracket_edges) bracket_requested_.store(true, std::memory_order_relaxed);
     counter_requested_.store(true, std::memory_order_relaxed);
   }
   cv_.notify_one();
@@ -153,6 +163,9 @@ SamplerStats PowerSampler::stats() const {
   s.counter_reads = counter_reads_.load(std::memory_order_relaxed);
   s.buffer_samples = buffer_samples_.load(std::memory_order_relaxed);
   s.errors = errors_.load(std::memory_order_relaxed);
+  s.brackets = brackets_.load(std::memory_order_relaxed);
+  s.bracket_reads = bracket_reads_.load(std::memory_order_relaxed);
+  s.brackets_unresolved = brackets_unresolved_.load(std::memory_order_relaxed);
   s.dropped = ring_.dropped();
   s.pushed = ring_.pushed();
   s.thread_cpu_s = thread_cpu_ns_.load(std::memory_order_relaxed) * 1e-9;
@@ -346,11 +359,14 @@ void PowerSampler::poll() {
   polls_.fetch_add(1, std::memory_order_relaxed);
 }
 
-void PowerSampler::read_counters() {
+void PowerSampler::read_counters(bool all, bool start) {
   const NvmlApi& api = nvml_->api();
+  const int64_t pass = monotonic_ns();
+  if (start) bracket_deadline_ns_ = std::max(bracket_deadline_ns_, pass + kBracketMaxNs);
+  bool any = false;
   for (unsigned i = 0; i < devs_.size(); ++i) {
     DeviceState& d = devs_[i];
-    if (!d.have_counter) continue;
+    if (!d.have_counter || !(all || d.bracket_on)) continue;
     unsigned long long mj = 0;
     const int64_t a = monotonic_ns();
     int r = api.DeviceGetTotalEnergyConsumption(d.handle, &mj);
@@ -358,7 +374,38 @@ void PowerSampler::read_counters() {
     if (r == NVML_ERROR_NOT_SUPPORTED) d.have_counter = false;
     lane(i, kLaneCounter, r, NvmlSym::DeviceGetTotalEnergyConsumption, b);
     if (r == NVML_SUCCESS) push(RecordKind::kEnergyCounter, i, a + (b - a) / 2, (b - a) * 1e-9, mj);
+    // Brackets. A request during a bracket in progress continues it: the next change comes after
+    // this request too. A failed read leaves the bracket running until its deadline.
+    if (start && !d.bracket_on && d.have_counter) {
+      d.bracket_on = true;
+      d.bracket_base = false;
+      brackets_.fetch_add(1, std::memory_order_relaxed);
+    }
+    if (d.bracket_on) {
+      bracket_reads_.fetch_add(1, std::memory_order_relaxed);
+      if (r == NVML_SUCCESS) {
+        if (!d.bracket_base) {
+          d.bracket_base = true;
+          d.bracket_mj = mj;
+        } else if (mj != d.bracket_mj) {
+          d.bracket_on = false;  // the reads before and this one bracket the change
+        }
+      }
+      if (!d.have_counter) d.bracket_on = false;
+    }
+    any = any || d.bracket_on;
   }
+  if (any && monotonic_ns() >= bracket_deadline_ns_) {
+    for (DeviceState& d : devs_)
+      if (d.bracket_on) {
+        d.bracket_on = false;
+        brackets_unresolved_.fetch_add(1, std::memory_order_relaxed);
+      }
+    any = false;
+  }
+  if (!any) bracket_deadline_ns_ = 0;
+  bracketing_ = any;
+  next_bracket_ns_ = pass + kBracketSpacingNs;
   counter_reads_.fetch_add(1, std::memory_order_relaxed);
 }
 
@@ -391,13 +438,27 @@ void PowerSampler::run() {
       drain_buffers();
       next_drain = monotonic_ns() + drain_ns;
     }
-    const bool counter_due = now >= next_counter || flushing ||
-                             counter_requested_.load(std::memory_order_relaxed);
+    // The counter lane: its period, a flush, a window-edge request, or a bracket's next read.
+    const bool requested = counter_requested_.load(std::memory_order_relaxed);
+    const bool lane_due = now >= next_counter || flushing || requested;
+    const bool bracket_due = bracketing_ && now >= next_bracket_ns_;
+    const bool counter_due = lane_due || bracket_due;
+    // A bracket's reads run back to back: where a poll is due within the slack, that poll is
+    // taken now, early, instead of leaving a gap of up to the slack in the reads (which would
+    // widen the bracket, the change instant's uncertainty). The poll is not delayed.
+    const bool bracket_read = bracket_due || (requested &&
+                                              bracket_requested_.load(std::memory_order_relaxed));
+    if (bracket_read && !polled && next_poll - monotonic_ns() < kCounterSlackNs) {
+      poll();
+      polled = true;
+      next_poll = std::max(next_poll + poll_ns, monotonic_ns() + poll_ns / 4);
+    }
     bool counter_deferred = false;
     if (counter_due && (polled || next_poll - monotonic_ns() >= kCounterSlackNs)) {
-      counter_requested_.store(false, std::memory_order_relaxed);
-      read_counters();
-      next_counter = monotonic_ns() + counter_ns;
+      const bool req = counter_requested_.exchange(false, std::memory_order_relaxed);
+      const bool start = req && bracket_requested_.exchange(false, std::memory_order_relaxed);
+      read_counters(lane_due || req, start);
+      if (lane_due || req) next_counter = monotonic_ns() + counter_ns;
     } else if (counter_due) {
       counter_deferred = true;  // served right after the next poll; don't spin until then
     }
@@ -413,8 +474,9 @@ void PowerSampler::run() {
     }
     // A deferred counter read is served right after the next poll: its own (past) due time must
     // not enter the wake-up time, or the wait would be zero and the loop would spin until then.
-    const int64_t wake = counter_deferred ? std::min(next_poll, next_drain)
-                                          : std::min({next_poll, next_drain, next_counter});
+    int64_t wake = counter_deferred ? std::min(next_poll, next_drain)
+                                    : std::min({next_poll, next_drain, next_counter});
+    if (bracketing_) wake = std::min(wake, next_bracket_ns_);
     std::unique_lock<std::mutex> l(mu_);
     cv_.wait_for(l, std::chrono::nanoseconds(std::max<int64_t>(wake - monotonic_ns(), 0)), [&] {
       return stop_requested_ || flush_requested_ > served_flush ||

@@ -3,7 +3,10 @@
 //   poll    - instant/average power fields, SM/mem clocks, temperature, clock-event reasons;
 //             only changes are stored, stamped with the poll time
 //   counter - total energy counter (slow: ~3 ms/call), on its own period, on request at window
-//             edges, and scheduled so that it never delays a due poll
+//             edges, and scheduled so that it never delays a due poll. A window-edge request
+//             starts a bracket (bracket_edges): reads back to back until the value changes
+//             (it changes every ~100 ms) or kBracketMaxNs pass, so that two consecutive reads
+//             bracket a change instant within a few ms (meter/stitch.py uses it)
 // An NVML error is lane state: one kError record when a lane's error starts or changes, one with
 // code 0 when the lane works again; the failing call is retried on the lane's schedule.
 // Every record is stamped on the host CLOCK_MONOTONIC timeline (ns). The thread never touches
@@ -57,11 +60,16 @@ struct SamplerConfig {
   double counter_period_s = 1.0;
   size_t capacity = 1u << 19;     // records; ~1.4 h at the default rates of one GPU
   bool poll_clocks = true;
+  bool bracket_edges = true;      // a window-edge request reads until the counter changes
 };
 
 struct SamplerStats {
   // errors: failed NVML calls (every retry); the ring holds one kError per state change.
+  // counter_reads: counter read passes (each reads every device, or a bracket's devices).
+  // brackets: per device, brackets started; bracket_reads: counter reads made for them;
+  // brackets_unresolved: brackets that ended at kBracketMaxNs without seeing a change.
   uint64_t loops = 0, drains = 0, polls = 0, counter_reads = 0, buffer_samples = 0, errors = 0;
+  uint64_t brackets = 0, bracket_reads = 0, brackets_unresolved = 0;
   uint64_t dropped = 0, pushed = 0;
   double thread_cpu_s = 0.0;
 };
@@ -80,8 +88,10 @@ class PowerSampler {
   void stop();   // idempotent; joins the thread
   bool running() const { return running_.load(std::memory_order_acquire); }
 
-  // Ask for a counter read as soon as it delays no due poll (window edges). Non-blocking.
-  void request_counter();
+  // Ask for a counter read as soon as it delays no due poll (window edges). Non-blocking. With
+  // bracket (and cfg.bracket_edges) the read starts a bracket: the counter is read again, back to
+  // back (at most one read per kBracketSpacingNs), until its value changes or kBracketMaxNs pass.
+  void request_counter(bool bracket = true);
   // Run every lane now and wait until done (or timeout). Returns false on timeout.
   bool flush(double timeout_s);
   // Consumer side: move up to max records out of the ring. Thread-safe among consumers.
@@ -108,13 +118,18 @@ class PowerSampler {
     double last_inst = -1, last_avg = -1, last_sm = -1, last_mem = -1, last_temp = -1;
     uint64_t last_events = ~0ull;
     int lane_error[kLaneCount] = {};  // nvmlReturn_t in force per lane, 0 = working
+    // Bracket in progress (sampler thread only): read until the value leaves bracket_mj.
+    bool bracket_on = false, bracket_base = false;  // base: bracket_mj holds a first value
+    unsigned long long bracket_mj = 0;
   };
 
   void run();
   void drain_buffers();
   int get_samples(DeviceState& d, nvmlValueType_t* vt, unsigned* count);
   void poll();
-  void read_counters();
+  // Reads the counter of every device (all), or of the devices with a bracket in progress;
+  // start: a window-edge request, which starts a bracket on every device read.
+  void read_counters(bool all = true, bool start = false);
   void push(RecordKind k, unsigned dev, int64_t t_ns, double value, uint64_t extra = 0,
             uint16_t aux = 0);
   // Records lane's result: true when it changed from an error to working (re-record values).
@@ -137,11 +152,16 @@ class PowerSampler {
   uint64_t flush_requested_ = 0;          // guarded by mu_
   uint64_t flush_done_ = 0;               // guarded by mu_
   std::atomic<bool> counter_requested_{false};
+  std::atomic<bool> bracket_requested_{false};
+  // Sampler thread only: a bracket is in progress on some device, until bracket_deadline_ns_.
+  bool bracketing_ = false;
+  int64_t bracket_deadline_ns_ = 0;
+  int64_t next_bracket_ns_ = 0;  // earliest start of the bracket's next read
   std::atomic<int64_t> offset_ns_{0};
 
   // Stats written by the sampler thread, read by anyone (relaxed: monotonic counters).
   std::atomic<uint64_t> loops_{0}, drains_{0}, polls_{0}, counter_reads_{0}, buffer_samples_{0},
-      errors_{0};
+      errors_{0}, brackets_{0}, bracket_reads_{0}, brackets_unresolved_{0};
   std::atomic<int64_t> thread_cpu_ns_{0};
 };
 

@@ -64,7 +64,10 @@ def test_scripted_trace_energy_matches_exact_integral(fake_gpu):
 
 def test_nested_and_overlapping_windows_add_up(fake_gpu):
     fake_gpu.set_power_w(400.0)
-    with ld.PowerMonitor(devices=[0]) as mon:
+    # The buffer integral is additive; a window of >= 1 s stitched to the counter's change
+    # instants (meter/stitch.py; outer may reach 1 s) agrees with it only within the counter's
+    # error, so this checks the integration rule with stitching off.
+    with ld.PowerMonitor(devices=[0], bracket_edges=False) as mon:
         outer = mon.begin_window("outer")
         a = mon.begin_window("a")
         time.sleep(0.4)

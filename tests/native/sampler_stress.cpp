@@ -1,7 +1,8 @@
 // Native stress test of PowerSampler, built with -fsanitize=thread or address,undefined by
 // tests/test_native_sanitizers.py and run against the emulated NVML (LLM_DVFS_NVML_LIBRARY).
 // Exercises: many start/stop cycles, a consumer draining while the producer runs, concurrent
-// flush()/request_counter() callers, and ring overflow with a tiny capacity.
+// flush()/request_counter() callers (window-edge brackets and plain reads), and ring overflow with
+// a tiny capacity.
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -62,7 +63,7 @@ int main(int argc, char** argv) {
     std::thread flusher([&] {
       for (int k = 0; k < 200; ++k) {
         s.flush(1.0);
-        s.request_counter();
+        s.request_counter(k % 3 != 0);  // mostly brackets, some plain reads
       }
     });
     flusher.join();
@@ -71,10 +72,11 @@ int main(int argc, char** argv) {
     consumer.join();
     SamplerStats st = s.stats();
     s.stop();
-    std::printf("concurrent: drained=%zu polls=%llu drains=%llu counters=%llu\n", drained.load(),
-                (unsigned long long)st.polls, (unsigned long long)st.drains,
-                (unsigned long long)st.counter_reads);
+    std::printf("concurrent: drained=%zu polls=%llu drains=%llu counters=%llu brackets=%llu\n",
+                drained.load(), (unsigned long long)st.polls, (unsigned long long)st.drains,
+                (unsigned long long)st.counter_reads, (unsigned long long)st.brackets);
     if (st.polls == 0 || st.drains == 0 || st.counter_reads == 0) return fail("a lane never ran");
+    if (st.brackets == 0 || st.bracket_reads < st.brackets) return fail("no window-edge bracket");
   }
 
   // 3. overflow: tiny ring, nobody drains; must count drops, never block or crash

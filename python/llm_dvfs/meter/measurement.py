@@ -49,10 +49,14 @@ class DeviceMeasurement:
     edge_extrapolated_s: float = 0.0
     lag_s: float = 0.0                 # sensor lag the chosen source's trace was shifted by
     lag_method: str = "default"        # given | measured (sensor cache) | default
-    gain: float = 1.0                  # counter-anchored scale applied to the chosen source
+    gain: float = 1.0                  # scale applied to the chosen source's raw energy
     gain_se: float = float("nan")      # its standard error
-    gain_span_s: float = 0.0           # seconds of counter reads the gain was fitted over
-    calibration: str = "none"          # counter | why the gain was not applied
+    gain_span_s: float = 0.0           # seconds of counter the gain was fitted over (counter_edges:
+                                       # between the two change instants)
+    calibration: str = "none"          # counter_edges (window stitched to the counter's change
+                                       # instants, meter/stitch.py) | counter (running gain) | why
+                                       # no gain was applied
+    edges: str = ""                    # counter_edges, or why the window was not stitched
     resolution_s: float = float("nan") # update period of the chosen source on this GPU
     flags: list[str] = field(default_factory=list)
     sm_mhz: float = float("nan")       # median SM clock in force during the window

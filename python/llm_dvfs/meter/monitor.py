@@ -22,6 +22,13 @@ over the last ``calibration_horizon_s`` (meter/calibration.py), once at least 10
 reads exist; ``energy_j_by_source`` keeps the raw (uncalibrated) energy of every source, and
 ``DeviceMeasurement.gain`` / ``gain_se`` / ``calibration`` say what was applied.
 
+Counter edges: a buffer window of at least ``stitch.STITCH_MIN_S`` (1 s) takes its energy from
+the counter at the change instants the sampler bracketed at its edges, and the buffer (× gain)
+only for the slivers between each change instant and its edge (meter/stitch.py); it is recorded
+as the per-window gain that turns the raw buffer integral into that energy (``calibration ==
+"counter_edges"``), so the window's calibrated trace still integrates to ``energy_j``. Without a
+bracket at an edge the window keeps buffer × gain.
+
 Quality: a window whose buffer lost samples, had a gap longer than ``MAX_SAMPLE_GAP_S`` or was
 extrapolated at an edge for longer than ``MAX_EDGE_EXTRAPOLATION_S`` is flagged, falls back to
 the counter where one brackets it, and has ``ok`` False. A window shorter than its source's
@@ -43,7 +50,7 @@ import pandas as pd
 
 from llm_dvfs import errors
 from llm_dvfs.errors import ConfigError
-from llm_dvfs.meter import calibration, sensors
+from llm_dvfs.meter import calibration, sensors, stitch
 from llm_dvfs.meter.attribution import DEFAULT_LAG_S
 from llm_dvfs.meter.measurement import (BAD_FLAGS, DEFAULT_FINALIZE_TIMEOUT_S, MAX_EDGE_EXTRAPOLATION_S,
                                         MAX_SAMPLE_GAP_S, DeviceMeasurement, Measurement, Window, now_ns)
@@ -135,6 +142,10 @@ class PowerMonitor:
             counter-anchored gain is fitted over; 0 disables the calibration.
         history_s: keep only this many seconds of samples (None: all). Windows that begin
             before the retained history are flagged ``before_history``.
+        bracket_edges: at each window edge the sampler reads the energy counter back to back
+            (~3 ms per read on an H200) until its value changes (every ~100 ms), so that windows
+            of at least 1 s take their energy from the counter's change instants (meter/stitch.py);
+            False: one read per edge, and those windows keep buffer × gain.
 
     Raises (from ``start``): LibraryNotFound, NvmlError, ConfigError for invalid devices.
     """
@@ -151,6 +162,7 @@ class PowerMonitor:
         lag_s: Optional[float | Mapping[str, float]] = None,
         calibration_horizon_s: float = calibration.DEFAULT_HORIZON_S,
         history_s: Optional[float] = None,
+        bracket_edges: bool = True,
     ) -> None:
         self._requested = None if devices is None else list(devices)
         self._cfg = dict(
@@ -159,6 +171,7 @@ class PowerMonitor:
             counter_period_s=counter_period_s,
             capacity=capacity,
             poll_clocks=poll_clocks,
+            bracket_edges=bool(bracket_edges),
         )
         # Sensor lag per power source, s: a sample at host time t shows the work done at t - lag,
         # so a window [a, b] integrates the samples of [a + lag, b + lag].
@@ -340,7 +353,10 @@ class PowerMonitor:
 
     def _on_window_end(self, w: Window) -> None:
         if self._sampler is not None:
-            self._sampler.request_counter()
+            # only a window stitched to the counter needs its end bracketed (the start edge is
+            # bracketed for every window: its length is not known then)
+            long = (w.t_end_ns - w.t_start_ns) * 1e-9 >= stitch.STITCH_MIN_S
+            self._sampler.request_counter(bracket=long)
 
     def measure_idle(self, duration_s: float = 2.0) -> float:
         """Measure idle power for ``duration_s`` (nothing else should run on the GPUs).
@@ -370,9 +386,10 @@ class PowerMonitor:
         t, _, _ = self._store.get(kind, dev)
         return float(t[-1]) if len(t) else float("-inf")
 
-    def _wait_covered(self, t_end_s: float, timeout_s: float) -> None:
+    def _wait_covered(self, t_end_s: float, timeout_s: float, bracket: bool = False) -> None:
         """Flush until every device's buffer lane has a record past ``t_end_s`` plus its lag
-        and its counter one past ``t_end_s``."""
+        and its counter one past ``t_end_s``; with ``bracket``, until the counter's bracket after
+        ``t_end_s`` is over and the buffer covers it too."""
         if self._sampler is None:
             return
         deadline = time.monotonic() + timeout_s
@@ -384,9 +401,15 @@ class PowerMonitor:
             done = True
             for k, info in enumerate(self.device_info):
                 lag = self._dev_lag[k]["buffer"] if self._dev_lag else self._lag_s["buffer"]
-                if info.has_power_samples and self._latest("buffer", k) < t_end_s + lag:
-                    done = False
-                if info.has_energy_counter and self._latest("counter", k) < t_end_s:
+                cover = t_end_s
+                if info.has_energy_counter:
+                    ct, _, cmj = self._store.get("counter", k)
+                    if not len(ct) or ct[-1] < t_end_s:
+                        done = False
+                    elif bracket and info.has_power_samples:
+                        settled, cover = stitch.edge_settled(ct, cmj, t_end_s)
+                        done = done and settled
+                if info.has_power_samples and self._latest("buffer", k) < cover + lag:
                     done = False
             if done or not running or time.monotonic() >= deadline:
                 return
@@ -399,7 +422,7 @@ class PowerMonitor:
             return Measurement(w.name, a, b, float("nan"), "none", None, float("nan"),
                                float("nan"), {}, None, 0,
                                [], [], float("nan"), self)
-        self._wait_covered(b, timeout_s)
+        self._wait_covered(b, timeout_s, bracket=self._cfg["bracket_edges"] and b - a >= stitch.STITCH_MIN_S)
         from llm_dvfs import _core
 
         dropped = max(self._dropped() - w._dropped_start, 0)
@@ -519,6 +542,15 @@ class PowerMonitor:
                 {"samples_lost", "sample_gap", "edge_extrapolated"}.intersection(flags):
             method, energy, lag = "counter", counter_j, 0.0
             gain = calibration.Gain(reason="counter used")
+        # the scale recorded: the running gain, or for a window of >= 1 s stitched to the counter
+        # at the change instants bracketed at its edges, the per-window gain that gives it
+        calib = "counter" if gain.applied else gain.reason
+        g_applied, g_se, g_span = (gain.gain if gain.applied else 1.0), gain.se, gain.span_s
+        raw = by_source.get("buffer", float("nan"))
+        sw, edges = self._counter_edges(k, a, b, method, lag, gain, raw)
+        if sw is not None:
+            energy, calib = sw.energy_j, "counter_edges"
+            g_applied, g_se, g_span = sw.energy_j / raw, sw.se_j / raw, sw.span_s
         resolution = model.resolution_s(method)
         if b - a < resolution:
             flags.append("below_resolution")
@@ -547,8 +579,8 @@ class PowerMonitor:
             peak_power_w=peak, energy_j_by_source=by_source, n_samples=n, max_sample_gap_s=gap,
             lost_samples_s=lost, edge_extrapolated_s=extrap.get(method, 0.0), lag_s=lag,
             lag_method=self._dev_lag_method[k] if method == "buffer" else ("given" if self._lag_given else "default"),
-            gain=gain.gain if gain.applied else 1.0, gain_se=gain.se, gain_span_s=gain.span_s,
-            calibration="counter" if gain.applied else gain.reason, resolution_s=resolution,
+            gain=g_applied, gain_se=g_se, gain_span_s=g_span, calibration=calib, edges=edges,
+            resolution_s=resolution,
             flags=flags,
             sm_mhz=float(np.median(sm)) if len(sm) else float("nan"),
             mem_mhz=float(np.median(mem)) if len(mem) else float("nan"),
@@ -556,6 +588,39 @@ class PowerMonitor:
             temperature_c=float(np.max(tmp)) if len(tmp) else float("nan"),
             errors=errs,
         )
+
+    def _counter_edges(self, k: int, a: float, b: float, method: str, lag: float, gain: calibration.Gain,
+                       raw: float) -> tuple[Optional[stitch.Stitch], str]:
+        """(the window's counter-stitched energy, "counter_edges") or (None, why not); ``raw``:
+        the window's raw buffer energy."""
+        if b - a < stitch.STITCH_MIN_S:
+            return None, f"window {b - a:.2f} s < {stitch.STITCH_MIN_S:g} s"
+        if method != "buffer":
+            return None, f"energy_method {method}"
+        if not self._cfg["bracket_edges"]:
+            return None, "bracket_edges off"
+        sw = self._stitch(k, a, b, lag, gain)
+        if not sw.applied:
+            return None, sw.reason
+        if not (raw > 0 and abs(sw.energy_j / raw - 1) <= stitch.MAX_WINDOW_GAIN_DEVIATION):
+            return None, f"implausible window gain {sw.energy_j / raw if raw else float('nan'):.4f}"
+        return sw, sw.reason
+
+    def _stitch(self, k: int, a: float, b: float, lag: float, gain: calibration.Gain) -> stitch.Stitch:
+        """Counter-stitched energy of [a, b] on device position ``k`` (meter/stitch.py)."""
+        t, p, _ = self._store.get("buffer", k)
+        ct, cdur, cmj = self._store.get("counter", k)
+        m = stitch.EDGE_SEARCH_S + 1.0
+        i0 = max(int(np.searchsorted(t, a + lag - m)) - 1, 0)
+        i1 = int(np.searchsorted(t, b + lag + m, side="right"))
+        c0 = int(np.searchsorted(ct, a - m))
+        c1 = int(np.searchsorted(ct, b + m, side="right"))
+        gt, gv, _ = self._store.get("gap", k)
+        g_sel = (gt >= a + lag - m) & (gt - gv <= b + lag + m)
+        gaps = tuple((float(x) - float(v) - lag, float(x) - lag) for x, v in zip(gt[g_sel], gv[g_sel]))
+        g, g_se = (gain.gain, gain.se) if gain.applied else (1.0, None)
+        return stitch.stitch_window(t[i0:i1] - lag, p[i0:i1], ct[c0:c1], cmj[c0:c1], cdur[c0:c1], a, b,
+                                    gain=g, gain_rel_se=g_se, gaps=gaps)
 
     def _counter_delta(self, k: int, a: float, b: float) -> Optional[float]:
         """Counter energy over [a, b] in J by linear interpolation between reads, or None when

@@ -69,6 +69,23 @@ def _median_change_interval(t: np.ndarray, v: np.ndarray) -> Optional[float]:
     return float(np.median(np.diff(ch))) if len(ch) >= 3 else None
 
 
+def _counter_update_interval(t: np.ndarray, mj: np.ndarray, max_read_gap_s: float = 0.02) -> Optional[float]:
+    """Median time between counter changes, from pairs of consecutive changes whose reads are
+    never more than ``max_read_gap_s`` apart in between (dense reads: a probe's 5 ms reads). A
+    window edge's bracket stops at its first change and slow-lane reads are 1 s apart: neither
+    resolves the update period, and neither is used."""
+    if len(t) < 4:
+        return None
+    v = np.asarray(mj, dtype=np.float64)
+    ch = np.flatnonzero(np.diff(v) != 0) + 1          # read indices that show a new value
+    if len(ch) < 2:
+        return None
+    wide = np.concatenate(([0], np.cumsum(np.diff(t) > max_read_gap_s)))  # wide gaps up to read i
+    dense = wide[ch[1:]] == wide[ch[:-1] - 1]        # no wide gap from the read before one change
+    iv = np.diff(t[ch])[dense]                        # to the read that shows the next
+    return float(np.median(iv)) if len(iv) >= 3 else None
+
+
 def _median_spacing(t: np.ndarray) -> Optional[float]:
     return float(np.median(np.diff(t))) if len(t) >= 3 else None
 
@@ -78,7 +95,8 @@ def model_from_lanes(uuid: str, name: str, lanes: dict[str, tuple[np.ndarray, np
     """A model from recorded lanes (kind -> (t_s, value, extra) as the monitor stores them).
 
     The poll lanes store changes only, so their spacing is the change interval; the counter lane
-    stores every read (value = call duration, extra = mJ).
+    stores every read (value = call duration, extra = mJ); its update period comes only from
+    runs of dense reads.
     """
     bt, bv, _ = lanes.get("buffer", (np.empty(0),) * 3)
     it, iv, _ = lanes.get("instant", (np.empty(0),) * 3)
@@ -89,7 +107,7 @@ def model_from_lanes(uuid: str, name: str, lanes: dict[str, tuple[np.ndarray, np
         buffer_spacing_s=_median_spacing(bt),
         buffer_change_s=_median_change_interval(bt, bv),
         field_update_s=field,
-        counter_update_s=_median_change_interval(ct, np.asarray(cmj, dtype=np.float64)),
+        counter_update_s=_counter_update_interval(ct, cmj),
         counter_read_s=float(np.median(cdur)) if len(cdur) else None,
         measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
