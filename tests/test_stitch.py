@@ -160,7 +160,7 @@ def test_windows_of_1_to_3_s_agree_with_the_exact_integral_within_0_2_percent(fa
     t, w = _plateau_trace(rng, edges)
     plan = [(i, i + 2) for i in range(6)] + [(i, i + 3) for i in range(5)]   # 1.6 s and 2.4 s
     off = _offset_s()
-    with ld.PowerMonitor(devices=[0]) as mon:
+    with ld.PowerMonitor(devices=[0], bracket_min_interval_s=0.0) as mon:
         start = fake_gpu.set_trace(t, w) - off
         opened: dict[int, list] = {}
         windows, short = [], None
@@ -215,3 +215,22 @@ def test_bracketing_off_falls_back_to_buffer_times_gain(fake_gpu):
     assert d.calibration != "counter_edges" and d.edges == "bracket_edges off"
     assert d.gain == 1.0 and m.energy_j == pytest.approx(d.energy_j_by_source["buffer"])
     assert m.energy_j == pytest.approx(400.0 * 1.007 * m.duration_s, rel=0.002)
+
+
+def test_brackets_are_rate_limited_by_default(fake_gpu):
+    # Many short windows: only the first start edge in each bracket_min_interval_s is
+    # bracketed (NVML spins ~3 ms per counter read: brackets must not scale with the window rate).
+    fake_gpu.set_power_w(200.0)
+    with ld.PowerMonitor(devices=[0], bracket_min_interval_s=1.0) as mon:
+        wins = []
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.2:
+            with mon.window(sync=False) as w:
+                time.sleep(0.05)
+            wins.append(w)
+        time.sleep(0.3)
+        n_brackets = mon.stats()["brackets"]
+    bracketed = [w._bracketed_start for w in wins]
+    assert bracketed[0] and 2 <= sum(bracketed) <= 3 and len(wins) > 20
+    assert n_brackets == sum(bracketed)
+    assert all(w.measurement().ok for w in wins)

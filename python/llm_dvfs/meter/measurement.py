@@ -154,6 +154,7 @@ class Window:
         self.t_start_ns = t_start_ns
         self.t_end_ns: Optional[int] = None
         self._dropped_start = monitor._dropped()
+        self._bracketed_start = False  # the sampler bracketed the counter at the start edge
         self._measurement: Optional[Measurement] = None
 
     @property
