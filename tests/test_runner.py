@@ -15,6 +15,12 @@ from llm_dvfs.workload.runner import GenerationSettings, Runner, bare_generate
 MAX_NEW = 6
 
 
+def _f(col) -> np.ndarray:
+    """A nullable (Float64) column as float64 with NaN: pandas 2.0 (the floor) gives object
+    arrays from .to_numpy() of masked dtypes."""
+    return col.to_numpy(dtype=float, na_value=np.nan)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     from llm_dvfs.workload.models import load_model
@@ -64,7 +70,7 @@ def test_rows_time_only_batched(tiny, synthetic):
     for rid, g in tok.groupby("request_id"):
         assert g["token_index"].tolist() == list(range(len(g)))
         assert g["phase"].tolist() == ["prefill"] + ["decode"] * (len(g) - 1)
-        assert np.allclose(g["t_end_s"].to_numpy()[:-1], g["t_start_s"].to_numpy()[1:])
+        assert np.allclose(_f(g["t_end_s"])[:-1], _f(g["t_start_s"])[1:])
 
 
 def test_fixed_output_length_and_greedy_determinism(tiny, synthetic):
@@ -75,7 +81,7 @@ def test_fixed_output_length_and_greedy_determinism(tiny, synthetic):
     assert (a["tokens_out"] == MAX_NEW).all()
     # same prompts, greedy: batching (left padding) does not change the output
     assert a["output_text"].tolist() == b["output_text"].tolist()
-    tpot = a["tpot_s"].to_numpy()
+    tpot = _f(a["tpot_s"])
     assert np.isfinite(tpot).all() and (tpot > 0).all()
 
 
@@ -165,7 +171,7 @@ def test_energy_attribution_with_emulated_gpu(tiny, synthetic, fake_gpu):
     assert np.allclose(df["prefill_energy_j"] + df["decode_energy_j"], df["energy_j"])
     tok = to_frame("tokens", res.tokens)
     per_req = tok.groupby("request_id")["energy_j"].sum()
-    assert np.allclose(per_req.loc[df["request_id"]].to_numpy(), df["energy_j"].to_numpy())
+    assert np.allclose(_f(per_req.loc[df["request_id"]]), _f(df["energy_j"]))
     assert np.allclose(df["j_per_token"], df["energy_j"] / df["tokens_out"])
     # the two requests of the first batch share its energy (equal split of shared steps)
     # and the batch's energy is ~ P x latency
