@@ -1,4 +1,5 @@
-"""``python -m llm_dvfs.run``: the sweep over models × tasks × clock points × batch sizes.
+"""``python -m llm_dvfs.run``: the sweep over models × tasks × clock points × batch sizes (or,
+for served traffic, load levels: ``--engine continuous`` / ``--endpoint URL``).
 
 With no arguments it runs the embedded default (a small ``arch:`` model with random weights on
 the synthetic task; on the GPU if there is one, else on the CPU without energy), in about a
@@ -38,6 +39,13 @@ examples:
       records the commit the revision resolved to
   python -m llm_dvfs.run --config sweep.toml --no-fixed-output-length
       (keys = the long option names; every on/off setting has a --no- form that wins over the file)
+  python -m llm_dvfs.run --models arch:llama-3.2-1b --dtype bfloat16 --engine continuous \\
+      --concurrency 1,4,16 --samples 64 --warmup-requests 4 --cooldown-requests 4 --out runs/served
+      served traffic: HF continuous batching at three loads (closed loop); --arrival-rate 2,8
+      gives Poisson arrivals instead (seeded by --seed)
+  vllm serve meta-llama/Llama-3.2-1B-Instruct --port 8000 &   # on this host's GPU
+  python -m llm_dvfs.run --endpoint http://localhost:8000 --concurrency 1,8 --samples 64
+      an OpenAI-compatible server measured from outside (energy split by token timestamps)
   python -m llm_dvfs.run --resume runs/dvfs --allow-clock-changes
       continue an interrupted run: finished cells are kept, the rest is run
   python -m llm_dvfs.run --dry-run --config sweep.toml  validate and show the plan only
@@ -88,6 +96,22 @@ _VALUE_FLAGS = [
     ("--gpu", "gpu", "N|auto|none"),
     ("--on-busy-gpu", "on_busy_gpu", "warn|refuse"),
 ]
+# served traffic (issue 15: llm_dvfs.sweep.served), a group of their own in --help
+_SERVED_FLAGS = [
+    ("--engine", "engine", "generate|continuous|endpoint"),
+    ("--endpoint", "endpoint", "URL"),
+    ("--endpoint-api", "endpoint_api", "completions|chat"),
+    ("--endpoint-model", "endpoint_model", "NAME"),
+    ("--concurrency", "concurrency", "N[,N...]"),
+    ("--arrival-rate", "arrival_rate", "R[,R...]"),
+    ("--arrival-trace", "arrival_trace", "FILE"),
+    ("--warmup-requests", "warmup_requests", "N"),
+    ("--cooldown-requests", "cooldown_requests", "N"),
+    ("--warmup-s", "warmup_s", "S"),
+    ("--cooldown-s", "cooldown_s", "S"),
+    ("--request-timeout-s", "request_timeout_s", "S"),
+    ("--prefill-weight", "prefill_weight", "W"),
+]
 # on/off settings: each also has its --no- form (argparse.BooleanOptionalAction), so a value
 # from --config can be turned off on the command line; None = not given (the file decides)
 _SWITCH_FLAGS = [
@@ -121,6 +145,14 @@ def build_parser(prog: str = "python -m llm_dvfs.run") -> argparse.ArgumentParse
     for flag, key in _SWITCH_FLAGS:
         g.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None,
                        help=FIELD_HELP[key])
+    # the formatter keeps descriptions as written (RawDescriptionHelpFormatter): wrapped here
+    s = p.add_argument_group(
+        "served traffic", "requests arriving over time and sharing the GPU (docs/serving.md): the continuous\n"
+        "engine runs the model in this process; --endpoint measures an OpenAI-compatible server, whose\n"
+        "GPU must be on this host (the power monitor measures this host's GPU, --gpu). Load levels\n"
+        "replace batch sizes as an axis of the grid.")
+    for flag, key, metavar in _SERVED_FLAGS:
+        s.add_argument(flag, dest=key, metavar=metavar, default=None, help=FIELD_HELP[key])
     r = p.add_argument_group("run control")
     r.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (its manifest "
                    "holds the settings; finished cells are kept)")
@@ -158,7 +190,7 @@ def _teardown_logging(h: logging.Handler) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = [k for _, k, _ in _VALUE_FLAGS] + [k for _, k in _SWITCH_FLAGS]
+    keys = [k for _, k, _ in _VALUE_FLAGS + _SERVED_FLAGS] + [k for _, k in _SWITCH_FLAGS]
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 

@@ -266,6 +266,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             fin = self.stub.backend.run(ids, max_new, emit)
         except _Abort:
+            # cut by a fault or by stop(): close the connection (an unfinished stream on a
+            # kept-alive connection would leave the client waiting for its socket timeout)
+            self.close_connection = True
             return
         except (BrokenPipeError, ConnectionResetError):
             return  # the client went away

@@ -19,6 +19,7 @@ from llm_dvfs.analysis.feature_stats import feature_correlations, feature_regres
 from llm_dvfs.analysis.findings import cannot_conclude, edp_notes, findings, key_table, power_notes, saving_notes
 from llm_dvfs.analysis.render import render_html, render_markdown
 from llm_dvfs.analysis.rundata import CSV_TABLES, Report, RunData, load_run
+from llm_dvfs.analysis.served import accounting_lines, caveats, is_served, load_table, steady_rows
 from llm_dvfs.analysis.summary import CLOCK_KEYS, default_group_keys, optimal_clocks, summarize
 from llm_dvfs.analysis.tradeoffs import cell_power, edp_optima, edp_table
 from llm_dvfs.errors import ConfigError
@@ -33,6 +34,9 @@ def _reference_subset(requests: pd.DataFrame, summary: pd.DataFrame, keys: Seque
     ref = summary[summary["is_reference"]][list(keys) + list(CLOCK_KEYS)]
     if ref.empty:
         return requests.iloc[0:0]
+    for k in ref.columns:  # an all-null key (served traffic's batch_size) comes back as object
+        if ref[k].dtype != requests[k].dtype:
+            ref = ref.assign(**{k: ref[k].astype(requests[k].dtype)})
     m = requests.merge(ref.assign(_ref=True), on=list(keys) + list(CLOCK_KEYS), how="left")
     return requests[m["_ref"].eq(True).to_numpy(dtype=bool)]  # unmatched rows: NaN, not the reference
 
@@ -90,7 +94,9 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, late
     run_np = dataclasses.replace(run, requests=numeric_view(run.requests),
                                  tokens=None if run.tokens is None else numeric_view(run.tokens),
                                  power=None if run.power is None else numeric_view(run.power))
-    req = run_np.requests
+    # served traffic: the load table from every row; the statistics below from the steady state
+    served_load = load_table(run_np.requests, run.manifest) if is_served(run_np.requests) else pd.DataFrame()
+    req, left_out = steady_rows(run_np.requests)
     keys = default_group_keys(req)
     summary = summarize(req, group_keys=keys, n_boot=n_boot, seed=seed)
     optimal = optimal_clocks(summary, latency_limit=latency_limit, group_keys=keys)
@@ -142,6 +148,11 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, late
         fig("phase_fits", "Prefill (time to first token) and decode (time per token) time and average power vs "
             "clock, with the fitted models time ≈ a + b/f and power ≈ c + d·f^k.",
             plots.plot_phase_fits, ppoints, fits)
+    if len(served_load):
+        fig("load_energy", "Served traffic: median energy per request and energy per output token (Σ energy / "
+            "Σ tokens) vs load, one line per clock point.", plots.plot_load_energy, served_load)
+        fig("load_latency", "Served traffic: time to first token, time per output token and queueing delay vs load: "
+            "p50 solid, p90 dashed, p99 dotted.", plots.plot_load_latency, served_load)
     trace_note = None
     rid = request_id or _choose_request(run_np, summary, keys)
     if rid is not None and run.tokens is not None and run.power is not None:
@@ -169,15 +180,21 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, late
     rep = Report(run=run, out_dir=out, group_keys=keys, latency_limit=latency_limit, summary=summary,
                  optimal=optimal, phase_points=ppoints, phase_fits=fits, correlations=corr, regression=reg,
                  key=key, findings=findings(summary, optimal, corr_ref, keys, latency_limit),
-                 cannot_conclude=cannot_conclude(run_np, summary, optimal, fits, corr, reg_ref, keys, trace_note),
+                 cannot_conclude=cannot_conclude(run_np, summary, optimal, fits, corr, reg_ref, keys, trace_note)
+                 + caveats(run_np.requests) + left_out,
                  figures=figures, trace_request=rid if "power_trace" in figures else None, files=[],
-                 edp=edp, edp_optima=edp_opt, cell_power=cells, figure_notes=notes)
+                 edp=edp, edp_optima=edp_opt, cell_power=cells, figure_notes=notes, served_load=served_load,
+                 served_notes=accounting_lines(run.manifest) if len(served_load) else [])
     tables = {"key_table": key, "summary": summary, "optimal_clocks": optimal, "phase_points": ppoints,
               "phase_fits": fits, "correlations": corr, "regression": reg, "edp": edp, "edp_optima": edp_opt,
               "cell_power": cells}
     for name in CSV_TABLES:
         p = out / f"{name}.csv"
         tables[name].to_csv(p, index=False)
+        rep.files.append(p)
+    if len(served_load):  # only for runs with served traffic
+        p = out / "served_load.csv"
+        served_load.to_csv(p, index=False)
         rep.files.append(p)
     md = out / "report.md"
     md.write_text(render_markdown(rep, corr_ref, reg_ref), encoding="utf-8")

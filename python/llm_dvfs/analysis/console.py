@@ -15,6 +15,7 @@ import pandas as pd
 
 from llm_dvfs.analysis.findings import key_table
 from llm_dvfs.analysis.render import format_key_table
+from llm_dvfs.analysis.served import is_served, steady_rows
 from llm_dvfs.analysis.summary import default_group_keys, optimal_clocks, summarize
 from llm_dvfs.atomic import atomic_write_with
 
@@ -23,6 +24,8 @@ log = logging.getLogger("llm_dvfs.analysis.console")
 
 def summarize_run(requests: Optional[pd.DataFrame], n_boot: int = 200) -> tuple[Optional[pd.DataFrame], str]:
     """The summary table of a run's requests (None when there are none) and its text rendering."""
+    if requests is not None and is_served(requests):
+        requests, _ = steady_rows(requests)  # warm-up, cool-down and failed requests are not pooled
     if requests is None or requests.empty:
         return None, "(no requests were measured)"
     keys = default_group_keys(requests)

@@ -550,3 +550,69 @@ def plot_power_timeline(power: pd.DataFrame, cells: pd.DataFrame, *, max_cells: 
     fig.suptitle("Power per cell" + (f" (first {len(ids)} of {n_all} cells)" if n_all > len(ids) else ""),
                  fontsize=11)
     return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# served traffic (llm_dvfs.analysis.served.load_table)
+# --------------------------------------------------------------------------------------------
+def _load_panels(load: pd.DataFrame, metrics: Sequence[tuple[str, str]], title: str,
+                 draw: Any, path: str | Path | None) -> Figure:
+    """One row per model × task × engine, one column per metric; ``draw(ax, g, metric, color)``
+    draws one clock point's series of ``g`` (sorted by load)."""
+    keys = [k for k in ("model", "task", "engine") if k in load.columns]
+    groups = list(load.groupby(keys, dropna=False, sort=True)) if len(load) else []
+    fig, axes = _figure(max(len(groups), 1) * len(metrics), ncols=len(metrics))
+    clocks = sorted(load["clock_label"].astype(str).unique()) if len(load) else []
+    color_of = {c: f"C{i % 10}" for i, c in enumerate(clocks)}
+    for gi, (key, g) in enumerate(groups):
+        key = key if isinstance(key, tuple) else (key,)
+        xlab = "concurrency (users)" if (g["load_kind"] == "concurrency").all() else "arrival rate (req/s)"
+        for mi, (metric, ylab) in enumerate(metrics):
+            ax = axes[gi * len(metrics) + mi]
+            ax.set_title(_label(keys, key), fontsize=9)
+            for clk, s in g.groupby("clock_label", sort=True):
+                draw(ax, s.sort_values("load"), metric, color_of[str(clk)], str(clk))
+            if not ax.lines:
+                _no_data(ax, f"no {ylab}")
+                continue
+            ax.set_xlabel(xlab)
+            ax.set_ylabel(ylab)
+            if g["load"].min() > 0 and g["load"].max() / g["load"].min() >= 8:
+                ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    if not groups:
+        _no_data(axes[0], "no served traffic")
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+def plot_load_energy(load: pd.DataFrame, *, path: str | Path | None = None) -> Figure:
+    """Energy per request (median) and energy per output token (Σ energy / Σ tokens) vs load,
+    one line per clock point, one row of panels per model × task × engine."""
+    def draw(ax: Any, s: pd.DataFrame, metric: str, color: str, clk: str) -> None:
+        y = s[metric].to_numpy(dtype=float)
+        if np.isfinite(y).any():
+            ax.plot(s["load"], y, "o-", color=color, ms=4, label=clk)
+
+    return _load_panels(load, [("energy_j_median", METRIC_LABELS["energy_j"]),
+                               ("j_per_token", METRIC_LABELS["j_per_token"])],
+                        "Served traffic: energy vs load (per request: median; per token: Σ energy / Σ tokens)",
+                        draw, path)
+
+
+def plot_load_latency(load: pd.DataFrame, *, path: str | Path | None = None) -> Figure:
+    """TTFT, TPOT and queueing delay vs load: p50 (solid), p90 (dashed), p99 (dotted), one colour
+    per clock point, one row of panels per model × task × engine (queueing delay: empty for an
+    endpoint, which does not say when it admitted a request)."""
+    styles = {50: "-", 90: "--", 99: ":"}
+
+    def draw(ax: Any, s: pd.DataFrame, metric: str, color: str, clk: str) -> None:
+        for q, ls in styles.items():
+            y = s[f"{metric}_p{q}"].to_numpy(dtype=float) * 1e3
+            if np.isfinite(y).any():
+                ax.plot(s["load"], y, ls, marker="o", ms=3, color=color, label=f"{clk} p{q}")
+
+    return _load_panels(load, [("ttft_s", "time to first token (ms)"), ("tpot_s", "time per output token (ms)"),
+                               ("queue_s", "queueing delay (ms)")],
+                        "Served traffic: latency percentiles vs load (p50 solid, p90 dashed, p99 dotted)", draw, path)

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from llm_dvfs.analysis.rundata import CSV_TABLES, Report
+from llm_dvfs.analysis.served import PERCENTILES
 from llm_dvfs.analysis.summary import CLOCK_KEYS
 
 
@@ -253,6 +254,30 @@ def _cell_power_rows(rep: Report, limit: int = 200) -> tuple[list[str], list[lis
     return head, rows
 
 
+def _served_rows(rep: Report) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the served-traffic table (one row per model × task × engine × clock
+    point × load; every column is in served_load.csv)."""
+    head = ["model", "task", "engine", "clock", "load", "n", "failed", "E/request (J)", "J/token",
+            "TTFT p50/p90/p99 (ms)", "TPOT p50/p90/p99 (ms)", "queue p50/p99 (ms)", "arrived req/s",
+            "mean concurrency"]
+    rows = []
+    for _, r in rep.served_load.iterrows():
+        def ms(m: str, qs: Sequence[int]) -> str:
+            return " / ".join(fmt_num(r[f"{m}_p{q}"] * 1e3) for q in qs)
+        load = (f"{fmt_num(r['load'])} req/s" if r["load_kind"] == "rate" else f"{int(r['load'])} users")
+        rows.append([str(r["model"]), str(r["task"]), str(r["engine"]), str(r["clock_label"]), load, str(r["n"]),
+                     str(r["n_failed"]), fmt_num(r["energy_j_median"]), fmt_num(r["j_per_token"]),
+                     ms("ttft_s", PERCENTILES), ms("tpot_s", PERCENTILES), ms("queue_s", (50, 99)),
+                     fmt_num(r["arrived_rps"]), fmt_num(r["mean_concurrency"])])
+    return head, rows
+
+
+_SERVED_INTRO = ("Requests served under load (--engine continuous / --endpoint), per clock point and load level: "
+                 "steady-state requests only (warm-up, cool-down and failed requests are counted apart). Energy "
+                 "per request is the median; J/token is Σ energy / Σ output tokens; load: closed-loop users or "
+                 "open-loop arrival rate; arrived req/s and mean concurrency are what was achieved.")
+
+
 def _run_facts(rep: Report) -> list[tuple[str, str]]:
     req = rep.run.requests
     m = rep.run.manifest
@@ -276,6 +301,10 @@ def render_markdown(rep: Report, corr_ref: pd.DataFrame, reg_ref: pd.DataFrame) 
     head, rows, _ = _display_key(rep, ci=True)
     L += ["## Key table", "", "Medians per clock point [95 % bootstrap CI]; quality is a mean. Δ is relative to "
           "the reference (highest) clock of each model and task.", "", _md_table(head, rows), ""]
+    if len(rep.served_load):
+        h, r = _served_rows(rep)
+        L += ["## Served traffic", "", _SERVED_INTRO, ""] + [f"- {x}" for x in rep.served_notes] + \
+             ["", _md_table(h, r), ""]
     L += ["## What cannot be concluded", ""] + [f"- {c}" for c in rep.cannot_conclude] + [""]
     L += ["## Figures", ""]
     for name, (p, cap) in rep.figures.items():
@@ -372,6 +401,11 @@ def render_html(rep: Report, corr_ref: pd.DataFrame, reg_ref: pd.DataFrame) -> s
              'and task. Bold: reference; green: lowest energy; light green: lowest energy within the latency '
              f'limit (+{rep.latency_limit * 100:g} %).</p>')
     P.append(_html_table(head, rows, classes, text_cols=list(range(ng + 1)) + [len(head) - 1]))
+    if len(rep.served_load):
+        h, r = _served_rows(rep)
+        P.append(f'<h2 id="served">Served traffic</h2><p class="sub">{e(_SERVED_INTRO)}</p><ul class="findings">' +
+                 "".join(f"<li>{e(x)}</li>" for x in rep.served_notes) + "</ul>" +
+                 _html_table(h, r, text_cols=[0, 1, 2, 3, 4]))
     P.append('<section class="caveats"><h2 id="cannot-conclude">What cannot be concluded</h2><ul class="caveats">' +
              "".join(f"<li>{e(c)}</li>" for c in rep.cannot_conclude) + "</ul></section>")
     P.append('<h2 id="figures">Figures</h2>')

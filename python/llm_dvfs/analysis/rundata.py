@@ -122,3 +122,5 @@ class Report:
     edp_optima: pd.DataFrame = field(default_factory=pd.DataFrame)   # tradeoffs.edp_optima
     cell_power: pd.DataFrame = field(default_factory=pd.DataFrame)   # tradeoffs.cell_power
     figure_notes: dict[str, list[str]] = field(default_factory=dict)  # name -> how to read it, numbers
+    served_load: pd.DataFrame = field(default_factory=pd.DataFrame)  # analysis.served.load_table (served runs)
+    served_notes: list[str] = field(default_factory=list)            # energy accounting, in words

@@ -8,8 +8,9 @@ feature statistics in :mod:`llm_dvfs.analysis.feature_stats`.
 
 Vocabulary
 ----------
-*group*: one model × task × batch size (plus ``weights``, ``dtype``, ``gpu_name`` when they vary
-within the run; see :func:`default_group_keys`).
+*group*: one model × task × batch size (plus ``weights``, ``dtype``, ``gpu_name``, and for served
+traffic ``engine``, ``concurrency``, ``arrival_rate_rps``, when they vary within the run; see
+:func:`default_group_keys`).
 *clock point*: one combination of :data:`CLOCK_KEYS` (requested SM clock, memory clock, power
 limit). A NaN SM clock means observe mode ("as found"): its position on a clock axis,
 ``clock_mhz``, is then the median of the SM clock observed during its requests.
@@ -43,7 +44,7 @@ CLOCK_KEYS: tuple[str, ...] = ("sm_mhz_requested", "mem_mhz_requested", "power_l
 #: Always part of a group.
 BASE_GROUP_KEYS: tuple[str, ...] = ("model", "task", "batch_size")
 #: Part of a group only when they take more than one value in the table.
-OPTIONAL_GROUP_KEYS: tuple[str, ...] = ("weights", "dtype", "gpu_name")
+OPTIONAL_GROUP_KEYS: tuple[str, ...] = ("weights", "dtype", "gpu_name", "engine", "concurrency", "arrival_rate_rps")
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from llm_dvfs.workload.model_args import parse_model_args
 log = logging.getLogger("llm_dvfs.sweep")
 
 ON_BUSY = ("warn", "refuse")
+ENGINES = ("generate", "continuous", "endpoint")
+ENDPOINT_APIS = ("completions", "chat")
 NER_MODES = ("nltk", "heuristic", "off")
 DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")
 
@@ -96,6 +98,21 @@ class SweepConfig:
     gpu: Any = "auto"
     allow_clock_changes: bool = False
     on_busy_gpu: str = "warn"
+    # served traffic (issue 15; llm_dvfs.sweep.served): None engine = endpoint when an endpoint
+    # URL is given, else generate
+    engine: Optional[str] = None
+    endpoint: Optional[str] = None
+    endpoint_api: str = "completions"
+    endpoint_model: Optional[str] = None
+    arrival_rate: Optional[list[float]] = None
+    arrival_trace: Optional[str] = None
+    concurrency: Optional[list[int]] = None
+    warmup_requests: int = 0
+    cooldown_requests: int = 0
+    warmup_s: float = 0.0
+    cooldown_s: float = 0.0
+    request_timeout_s: float = 600.0
+    prefill_weight: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,6 +162,29 @@ FIELD_HELP: dict[str, str] = {
            "or none",
     "allow_clock_changes": "opt in to changing clocks / power limits (restored on exit)",
     "on_busy_gpu": "when other processes use the GPU: warn or refuse (default warn)",
+    "engine": "generate (lock-step HF generate batches, the default), continuous (HF continuous "
+              "batching: requests arrive over time and share engine steps) or endpoint (an "
+              "OpenAI-compatible server, see --endpoint)",
+    "endpoint": "URL of an OpenAI-compatible server (vLLM, SGLang, TGI, transformers serve), e.g. "
+                "http://localhost:8000; implies --engine endpoint. The power monitor measures this "
+                "host's GPU (--gpu): the server must run on this host, on that GPU",
+    "endpoint_api": "completions (default) or chat (the server applies its chat template)",
+    "endpoint_model": "model name sent to the endpoint (default: the first /v1/models lists)",
+    "arrival_rate": "open-loop load: Poisson arrivals at R requests/s (seeded by --seed); a list "
+                    "is a load axis, e.g. 1,2,4",
+    "arrival_trace": "open-loop load from a file of arrival times (CSV or JSON lines, seconds "
+                     "from the start)",
+    "concurrency": "closed-loop load: N users, each sending its next request when its previous "
+                   "one is done; a list is a load axis, e.g. 1,4,16 (default for served engines: 1)",
+    "warmup_requests": "served traffic: the first N requests issued are warm-up (served and "
+                       "recorded, load_phase warmup, not in the statistics; default 0)",
+    "cooldown_requests": "served traffic: the last N requests issued are cool-down (default 0)",
+    "warmup_s": "served traffic: seconds after the first request excluded as warm-up (default 0)",
+    "cooldown_s": "served traffic: seconds before the last issue excluded as cool-down (default 0)",
+    "request_timeout_s": "served traffic: a request not finished after this is failed (default 600)",
+    "prefill_weight": "served traffic: weight of a prompt token relative to a decode token when a "
+                      "shared engine step's energy is split (default 1: docs/attribution.md; "
+                      "measure it with bench/phase_weights.py)",
 }
 
 _FIELDS = [f.name for f in dataclasses.fields(SweepConfig)]
@@ -363,7 +403,7 @@ def _normalise(key: str, value: Any, source: str) -> Any:
         return list(dict.fromkeys(out))
     if key in ("repeats", "samples", "max_new_tokens"):
         return _to_int(value, where, 1)
-    if key in ("warmup", "seed"):
+    if key in ("warmup", "seed", "warmup_requests", "cooldown_requests"):
         return _to_int(value, where, 0)
     if key in ("temperature",):
         v = _to_float(value, where, 0.0)
@@ -375,8 +415,16 @@ def _normalise(key: str, value: Any, source: str) -> Any:
         if not 0 < v <= 1:
             raise ConfigError(f"{where}: must be in (0, 1]")
         return v
-    if key in ("idle_s", "settle_tolerance_mhz"):
+    if key in ("idle_s", "settle_tolerance_mhz", "warmup_s", "cooldown_s"):
         return _to_float(value, where, 0.0)
+    if key in ("request_timeout_s", "prefill_weight"):
+        v = _to_float(value, where, 0.0)
+        if v <= 0:
+            raise ConfigError(f"{where}: must be > 0")
+        return v
+    if key in ("engine", "endpoint", "endpoint_model", "arrival_trace", "arrival_rate", "concurrency",
+               "endpoint_api"):
+        return _served_setting(key, value, where)
     if key in ("fixed_output_length", "allow_clock_changes", "stop_sequences", "apply_chat_template"):
         return _to_bool(value, where)
     if key == "model_args":
@@ -414,6 +462,37 @@ def _normalise(key: str, value: Any, source: str) -> Any:
     raise AssertionError(key)  # pragma: no cover - _FIELDS and _normalise must agree
 
 
+def _served_setting(key: str, value: Any, where: str) -> Any:
+    """The served-traffic settings (cross-field checks, e.g. one kind of load, are
+    :func:`llm_dvfs.sweep.served.check_config`'s)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        if key == "endpoint_api":
+            raise ConfigError(f"{where}: expected one of {', '.join(ENDPOINT_APIS)}")
+        return None
+    if key == "engine":
+        return _choice(value, where, ENGINES)
+    if key == "endpoint_api":
+        return _choice(value, where, ENDPOINT_APIS)
+    if key == "endpoint":
+        from llm_dvfs.workload.endpoint import parse_endpoint_url
+        try:
+            parse_endpoint_url(str(value))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        return str(value).strip()
+    if key in ("endpoint_model", "arrival_trace"):
+        return str(value).strip()
+    if key == "arrival_rate":
+        out = [_to_float(v, where, 0.0) for v in _split(value)]
+        if not out or any(v <= 0 for v in out):
+            raise ConfigError(f"{where}: arrival rates must be > 0 requests/s, e.g. 1,2,4")
+        return list(dict.fromkeys(out))
+    out_c = [_to_int(v, where, 1) for v in _split(value)]  # concurrency
+    if not out_c:
+        raise ConfigError(f"{where}: give at least one concurrency, e.g. 1,4,16")
+    return list(dict.fromkeys(out_c))
+
+
 def load_config(path: Optional[str | os.PathLike[str]] = None, overrides: Optional[Mapping[str, Any]] = None
                 ) -> SweepConfig:
     """Defaults, then the file at ``path`` (if any), then ``overrides`` (e.g. CLI flags)."""
@@ -425,8 +504,9 @@ def load_config(path: Optional[str | os.PathLike[str]] = None, overrides: Option
     return cfg
 
 
-#: Settings that may be given again when resuming (they do not change the grid).
-RESUME_OVERRIDABLE = ("allow_clock_changes", "on_busy_gpu")
+#: Settings that may be given again when resuming (they do not change the grid; an endpoint that
+#: came back on another port is the same server).
+RESUME_OVERRIDABLE = ("allow_clock_changes", "on_busy_gpu", "endpoint")
 
 
 def resume_config(run_dir: str | os.PathLike[str], overrides: Optional[Mapping[str, Any]] = None) -> SweepConfig:
@@ -491,7 +571,7 @@ def resolve_device(value: str) -> str:
     return f"cuda:{idx}"
 
 
-__all__ = ["SweepConfig", "FIELD_HELP", "ON_BUSY", "NER_MODES", "DTYPES", "EMBEDDED_DEFAULT_GPU",
+__all__ = ["SweepConfig", "FIELD_HELP", "ON_BUSY", "ENGINES", "ENDPOINT_APIS", "NER_MODES", "DTYPES", "EMBEDDED_DEFAULT_GPU",
            "EMBEDDED_DEFAULT_CPU", "DEFAULT_GPU_MODEL", "DEFAULT_CPU_MODEL", "embedded_default", "did_you_mean",
            "load_config_file", "config_from_mapping", "parse_clock_spec", "load_config", "RESUME_OVERRIDABLE",
            "resume_config", "resolve_device"]

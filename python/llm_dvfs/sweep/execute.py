@@ -8,6 +8,9 @@ tables are rebuilt from the finished cells (requests after every cell, tokens an
 every :data:`CONSOLIDATE_LARGE_S` and at the end), so an interrupted sweep loses at most the cell
 in progress and ``--resume`` continues where it stopped.
 
+Served-traffic cells (``--engine continuous`` / ``--endpoint``: a load level instead of a batch
+size) run through :func:`llm_dvfs.sweep.served.run_cell`; an endpoint loads no model here.
+
 The run directory's layout is described in :mod:`llm_dvfs.sweep.rundir` and docs/sweep.md; the
 end-of-run summary (summary.csv) is :mod:`llm_dvfs.analysis.console`'s, called by the CLI.
 
@@ -34,6 +37,7 @@ from llm_dvfs.meter.monitor import PowerMonitor
 from llm_dvfs.schema import read_parquet, to_frame
 from llm_dvfs.sweep.plan import Cell, ClockPoint, Plan, TaskEntry, check_busy, new_manifest
 from llm_dvfs.sweep.rundir import RunDir, git_revision, now_iso
+import llm_dvfs.sweep.served as served  # not `from llm_dvfs.sweep import`: that is the package, which imports this
 
 log = logging.getLogger("llm_dvfs.sweep.execute")
 
@@ -156,7 +160,8 @@ def execute(plan: Plan, *, argv: Optional[Sequence[str]] = None, quiet: bool = F
     for n in plan.notes:
         log.warning("%s", n)
 
-    pending = [c for c in plan.cells if not rd.is_done(c)]
+    # an aborted served cell (server gone mid-cell) kept its rows but is measured again
+    pending = [c for c in plan.cells if not rd.is_done(c) or served.aborted(rd, c)]
     skipped = len(plan.cells) - len(pending)
     if skipped:
         log.info("resuming: %d of %d cells are already done", skipped, len(plan.cells))
@@ -271,6 +276,8 @@ def _load(ctx: _CellContext, model: str) -> tuple[Any, Any]:
 
     plan, manifest, rd = ctx.plan, ctx.manifest, ctx.rd
     cfg = plan.config
+    if plan.engine == "endpoint":  # the server holds the model (its identity: manifest["endpoint"])
+        return None, None
     t0 = time.monotonic()
     log.info("loading %s (%s) on %s", model, cfg.dtype, plan.device)
     loaded = load_model(model, dtype=cfg.dtype, device=plan.device, seed=cfg.seed,
@@ -304,8 +311,9 @@ def _clock_point(ctx: _CellContext, cp: ClockPoint, todo: list[Cell], feats: dic
                         "observed_sm_mhz": lock.observed_sm_mhz, "observed_mem_mhz": lock.observed_mem_mhz,
                         "reasons": list(lock.reasons), "mem_method": lock.mem_method}
     w = mon.begin_window("warmup") if mon is not None else None
-    warm_s = ctx.runner.warmup(prompts, todo[0].batch_size, max(cfg.warmup, 1 if lock is not None else 0),
-                               ctx.runner.stop_strings(first.task))
+    n_warm = max(cfg.warmup, 1 if lock is not None else 0)
+    warm_s = (ctx.runner.warmup(prompts, todo[0].batch_size or 1, n_warm, ctx.runner.stop_strings(first.task))
+              if ctx.runner is not None else served.warmup_endpoint(cfg, todo[0].model, first, n_warm))
     settle: dict[str, Any] = {"warmup_s": warm_s}
     if w is not None:
         w.end()
@@ -344,7 +352,7 @@ def _clock_point(ctx: _CellContext, cp: ClockPoint, todo: list[Cell], feats: dic
         entry = plan.task_entry(cell.task)
         if cell.task not in feats:
             t0 = time.monotonic()
-            feats[cell.task] = _features(entry, ctx.loaded.tokenizer, cfg.ner)
+            feats[cell.task] = _features(entry, ctx.loaded.tokenizer if ctx.loaded is not None else None, cfg.ner)
             manifest.setdefault("features", {})[f"{cell.model}|{cell.task}"] = {
                 "ner_estimator": feats[cell.task].attrs.get("ner_estimator"),
                 "tokenizer": str(feats[cell.task].attrs.get("tokenizer", "")),
@@ -406,11 +414,14 @@ def _clock_not_held(cp: ClockPoint, requests: pd.DataFrame, tolerance_mhz: float
 
 
 def _run_cell(ctx: _CellContext, cell: Cell, entry: TaskEntry, feats: pd.DataFrame, idle_w: float) -> None:
+    if cell.engine != "generate":  # served traffic: sweep/served.py
+        served.run_cell(ctx, cell, entry, feats, idle_w)
+        return
     plan, rd, manifest, mon, progress = ctx.plan, ctx.rd, ctx.manifest, ctx.mon, ctx.progress
     cfg = plan.config
     t0 = time.monotonic()
     bar = progress.cell(len(entry.samples), f"{cell.model} {cell.task} {cell.clock.label} bs{cell.batch_size}")
-    context = {"task": cell.task, **cell.clock.requested_row(), "idle_power_w": idle_w}
+    context = {"task": cell.task, **cell.clock.requested_row(), "idle_power_w": idle_w, "engine": "generate"}
     try:
         rows = ctx.runner.run(entry.task, entry.samples, batch_size=cell.batch_size, cell_id=cell.cell_id,
                           context=context, features=feats, warmup=cfg.warmup, repeat=cell.repeat,

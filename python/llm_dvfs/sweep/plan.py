@@ -36,6 +36,7 @@ from llm_dvfs.devices import compute_processes, devices, last_error
 from llm_dvfs.errors import ConfigError, DataNotFound
 from llm_dvfs.sweep.config import DEFAULT_CPU_MODEL, DEFAULT_GPU_MODEL, SweepConfig, resolve_device
 from llm_dvfs.sweep.rundir import FORMAT_VERSION, RunDir, git_revision, json_default, now_iso, versions
+from llm_dvfs.sweep.served import LoadLevel, check_config, check_exclusions, endpoint_models
 
 log = logging.getLogger("llm_dvfs.sweep.plan")
 
@@ -79,17 +80,24 @@ class ClockPoint:
 
 @dataclass(frozen=True)
 class Cell:
-    """One model × task × clock point × batch size × repeat: a unit of work and of writing."""
+    """One model × task × clock point × batch size × repeat: a unit of work and of writing.
+
+    A served-traffic cell (``engine`` continuous or endpoint) has a load level instead of a
+    batch size (``batch_size`` None); both are part of its identity (``cell_id``)."""
 
     index: int
     model: str
     task: str
     clock: ClockPoint
-    batch_size: int
+    batch_size: Optional[int]
     repeat: int
+    engine: str = "generate"
+    load: Optional[LoadLevel] = None
 
     @property
     def cell_id(self) -> str:
+        if self.load is not None:
+            return f"{self.model}|{self.task}|{self.clock.label}|{self.engine}|{self.load.label}|r{self.repeat}"
         return f"{self.model}|{self.task}|{self.clock.label}|bs{self.batch_size}|r{self.repeat}"
 
     @property
@@ -124,6 +132,9 @@ class Plan:
     cells: list[Cell]
     notes: list[str] = field(default_factory=list)
     resume: bool = False
+    engine: str = "generate"                 # generate | continuous | endpoint
+    loads: list[LoadLevel] = field(default_factory=list)   # served engines' load levels
+    endpoint: Optional[dict[str, Any]] = None              # the server's identity (endpoint)
 
     @property
     def energy_available(self) -> bool:
@@ -138,7 +149,10 @@ class Plan:
             f"models: {', '.join(self.models)} on {self.device}",
             f"tasks: {', '.join(f'{t.name} ({len(t.samples)} samples)' for t in self.tasks)}",
             f"clock points: {', '.join(c.label for c in self.clock_points)}",
-            f"batch sizes: {', '.join(map(str, self.config.batch_sizes))}; repeats: {self.config.repeats}",
+            (f"batch sizes: {', '.join(map(str, self.config.batch_sizes))}" if not self.loads else
+             f"engine: {self.engine}" + (f" ({self.endpoint.get('url')}, {self.endpoint.get('version') or 'version unknown'})"
+                                         if self.endpoint else "")
+             + f"; load levels: {', '.join(l.label for l in self.loads)}") + f"; repeats: {self.config.repeats}",
             f"cells: {len(self.cells)} ({n_req} measured requests)",
             "energy: " + (f"measured on GPU {self.gpu.index} ({self.gpu.name})" if self.gpu is not None
                           else "unavailable (no NVIDIA driver/GPU: time only)"),
@@ -358,6 +372,7 @@ def prepare(cfg: SweepConfig, *, resume: Optional[str | os.PathLike[str]] = None
         GpuBusy: other processes use the GPU and ``on_busy_gpu == "refuse"``.
     """
     notes: list[str] = []
+    engine, loads = check_config(cfg, notes)  # served-traffic settings (ConfigError), before any work
     # 1. output (cheap, and nothing is created here)
     out = Path(resume if resume is not None else (cfg.out or default_out_dir())).expanduser()
     _check_out_dir(out, resume is not None)
@@ -382,16 +397,23 @@ def prepare(cfg: SweepConfig, *, resume: Optional[str | os.PathLike[str]] = None
         notes.append("no NVIDIA driver/GPU found" + (f" ({why})" if why else "") + ": running on the CPU, "
                      "energy is unavailable (energy_method 'none'); latency, tokens and features are measured. "
                      "Energy needs an NVIDIA GPU with its driver.")
+    elif gpu is not None and engine == "endpoint":
+        notes.append(f"endpoint mode: GPU {gpu.index} ({gpu.name}) of this host is measured; it must be the "
+                     "server's GPU, and nothing else should run on it")
     elif gpu is not None and not device.startswith("cuda"):
         notes.append(f"the model runs on the CPU but GPU {gpu.index} ({gpu.name}) is measured: its energy "
                      "does not include the CPU's work (use --gpu none to measure time only)")
     # 3. models
-    models = cfg.models
-    if models is None:
-        models = [DEFAULT_GPU_MODEL if device.startswith("cuda") else DEFAULT_CPU_MODEL]
-        notes.append(f"no models given: using the embedded default {models[0]} (random weights)")
-    for m in models:
-        _check_model(m, cfg.model_args, cfg.apply_chat_template)
+    endpoint = None
+    if engine == "endpoint":  # the server's model; EndpointError (unreachable) -> ConfigError here
+        models, endpoint = endpoint_models(cfg)
+    else:
+        models = cfg.models
+        if models is None:
+            models = [DEFAULT_GPU_MODEL if device.startswith("cuda") else DEFAULT_CPU_MODEL]
+            notes.append(f"no models given: using the embedded default {models[0]} (random weights)")
+        for m in models:
+            _check_model(m, cfg.model_args, cfg.apply_chat_template)
     # 4. clock points (needs the GPU's table) and mode; a resumed run keeps its mode and device
     stored = RunDir(out).read_manifest() if resume is not None else {}
     stored_mode = stored.get("mode")
@@ -410,6 +432,7 @@ def prepare(cfg: SweepConfig, *, resume: Optional[str | os.PathLike[str]] = None
         mode, points = _clock_points(cfg, gpu, notes)
     # 5. tasks and their samples (an empty dataset is an error here, before any GPU work)
     tasks = _tasks(cfg)
+    check_exclusions(cfg, loads, min(len(t.samples) for t in tasks))
     if cfg.ner == "nltk":
         _require_nltk()
     # 6. other processes on the GPU
@@ -419,14 +442,18 @@ def prepare(cfg: SweepConfig, *, resume: Optional[str | os.PathLike[str]] = None
     for m in models:
         for cp in points:
             for t in tasks:
-                for bs in cfg.batch_sizes:
+                for load in loads:  # served engines: load levels instead of batch sizes
+                    for r in range(cfg.repeats):
+                        cells.append(Cell(len(cells), m, t.name, cp, None, r, engine, load))
+                for bs in (cfg.batch_sizes if not loads else []):
                     for r in range(cfg.repeats):
                         cells.append(Cell(len(cells), m, t.name, cp, bs, r))
     ids = [c.cell_id for c in cells]
     if len(set(ids)) != len(ids):  # pragma: no cover - models/batch sizes are de-duplicated
         raise ConfigError("duplicate cells in the grid")
     return Plan(config=cfg, out=out, mode=mode, device=device, gpu=gpu, gpus=gpus, models=list(models),
-                tasks=tasks, clock_points=points, cells=cells, notes=notes, resume=resume is not None)
+                tasks=tasks, clock_points=points, cells=cells, notes=notes, resume=resume is not None,
+                engine=engine, loads=loads, endpoint=endpoint)
 
 
 def _require_nltk() -> None:
@@ -475,7 +502,10 @@ def new_manifest(plan: Plan, argv: Optional[Sequence[str]]) -> dict[str, Any]:
             "resolved_tasks": [t.name for t in plan.tasks],
             "clock_points": [dataclasses.asdict(c) | {"label": c.label} for c in plan.clock_points],
             "clocks_mhz": sorted({c.sm_mhz for c in plan.clock_points if c.sm_mhz is not None}, reverse=True),
+            "resolved_engine": plan.engine,
+            "load_levels": [lv.describe() for lv in plan.loads],
         },
+        "endpoint": plan.endpoint,
         "tasks": {t.name: {**_task_describe(t.task), "n_samples": len(t.samples)} for t in plan.tasks},
         "models": {},
         "cells_total": len(plan.cells),
