@@ -143,7 +143,10 @@ def test_staggered_arrivals_join_running_batch(sharp, prompts, references):
     # a long background request keeps the batch running whatever the machine's speed, so every
     # staggered arrival joins a batch in flight; it is cancelled at the end
     with _engine(sharp, cache_tokens=8192) as eng:
-        bg = eng.submit(ServeRequest(prompt=prompts[0], request_id="bg", max_new_tokens=1900))
+        bg = eng.submit(ServeRequest(prompt=prompts[0], request_id="bg", max_new_tokens=1900), stream=True)
+        # wait for bg's first token: from then on bg decodes, so every newcomer's prefill step is
+        # a mixed one whatever the machine's load
+        next(iter(bg.stream(timeout=120)))
         reqs = [ServeRequest(prompt=p, request_id=f"r{i}") for i, p in enumerate(prompts)]
         res = submit_all(eng.submit, reqs, stagger_s=0.02, timeout_s=120)
         assert bg.cancel()
