@@ -327,3 +327,19 @@ def test_generation_thread_crash_fails_open_requests_keeps_finished(sharp, promp
     assert bad.stop_reason == "error" and "injected forward failure" in bad.extra["error"]
     assert bad.n_output_tokens == 3 and len(bad.token_times_s) == 3
     assert late.stop_reason == "error" and "refused" in late.extra["error"]
+
+
+def test_generation_thread_outside_inference_mode(sharp, prompts, monkeypatch):
+    """transformers before ~5.2x starts its generation thread outside inference mode whatever the
+    caller's mode (H200 run, transformers 5.17: "Inplace update to inference tensor outside
+    InferenceMode"); the warm-up's buffers, made in start(), must then be ordinary tensors."""
+    import torch
+    from transformers.generation.continuous_batching import continuous_api
+
+    class _OldTorch:  # what the old manager saw: no inference mode to hand to its thread
+        def __getattr__(self, name):
+            return (lambda: False) if name == "is_inference_mode_enabled" else getattr(torch, name)
+
+    monkeypatch.setattr(continuous_api, "torch", _OldTorch())
+    res, _, _ = _serve(sharp, prompts[:2], warmup=True)
+    assert [r.n_output_tokens for r in res] == [MAX_NEW, MAX_NEW]

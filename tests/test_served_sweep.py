@@ -191,6 +191,13 @@ def test_malformed_streams_fail_the_run_with_the_line(fake_gpu, faults, tmp_path
     req, _ = _read(out)
     assert len(req) == 4 and req["error"].str.contains("malformed stream line").all()
     assert (req["tokens_out"] == 1).all()  # the chunk before the bad line is kept
+    # the report of a run with no successful request: a clear error naming the cause and the fix
+    from llm_dvfs.cli import main as cli
+
+    assert cli(["report", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to report" in err and "all 4 request(s) failed" in err and "malformed stream line" in err
+    assert f"--resume {out}" in err and "Traceback" not in err
 
 
 def test_one_malformed_stream_is_a_row_with_its_error(fake_gpu, faults, tmp_path, capsys):

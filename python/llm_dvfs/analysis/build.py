@@ -22,7 +22,7 @@ from llm_dvfs.analysis.rundata import CSV_TABLES, Report, RunData, load_run
 from llm_dvfs.analysis.served import accounting_lines, caveats, is_served, load_table, steady_rows
 from llm_dvfs.analysis.summary import CLOCK_KEYS, default_group_keys, optimal_clocks, summarize
 from llm_dvfs.analysis.tradeoffs import cell_power, edp_optima, edp_table
-from llm_dvfs.errors import ConfigError
+from llm_dvfs.errors import ConfigError, DataNotFound
 from llm_dvfs.schema import feature_columns, numeric_view
 
 #: Power-timeline panels drawn at most (every cell is in cell_power.csv).
@@ -39,6 +39,15 @@ def _reference_subset(requests: pd.DataFrame, summary: pd.DataFrame, keys: Seque
             ref = ref.assign(**{k: ref[k].astype(requests[k].dtype)})
     m = requests.merge(ref.assign(_ref=True), on=list(keys) + list(CLOCK_KEYS), how="left")
     return requests[m["_ref"].eq(True).to_numpy(dtype=bool)]  # unmatched rows: NaN, not the reference
+
+
+def _nothing_to_report(requests: pd.DataFrame, run_path: Path) -> str:
+    """Why a run with rows has no request the statistics can use, and what to do."""
+    err = requests["error"].dropna().astype(str) if "error" in requests.columns else pd.Series(dtype=str)
+    why = (f"all {len(requests)} request(s) failed, e.g.: {err.iloc[0]}" if len(err) == len(requests) and len(err)
+           else f"none of its {len(requests)} request(s) is a measured, successful one")
+    return (f"nothing to report in {run_path}: {why}. Fix the cause (run.log has every error) and run the "
+            f"cells again, e.g. python -m llm_dvfs.run --resume {run_path}")
 
 
 def _choose_request(run: RunData, summary: pd.DataFrame, keys: Sequence[str]) -> str | None:
@@ -97,6 +106,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, late
     # served traffic: the load table from every row; the statistics below from the steady state
     served_load = load_table(run_np.requests, run.manifest) if is_served(run_np.requests) else pd.DataFrame()
     req, left_out = steady_rows(run_np.requests)
+    if req.empty:
+        raise DataNotFound(_nothing_to_report(run_np.requests, run.path))
     keys = default_group_keys(req)
     summary = summarize(req, group_keys=keys, n_boot=n_boot, seed=seed)
     optimal = optimal_clocks(summary, latency_limit=latency_limit, group_keys=keys)

@@ -245,7 +245,10 @@ class ContinuousEngine:
         self._perf_off = _perf_offset_s()
         self._stopping.clear()
         self._ready.clear()
-        with torch.inference_mode():
+        # no_grad, not inference_mode: transformers < 5.2x runs its generation thread outside
+        # inference mode, and in-place updates there to tensors made here (warm-up buffers, KV
+        # cache) would fail ("Inplace update to inference tensor outside InferenceMode").
+        with torch.no_grad():
             mgr = self.loaded.model.init_continuous_batching(
                 generation_config=self._generation_config(),
                 continuous_batching_config=self._cb_config)
