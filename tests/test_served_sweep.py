@@ -98,6 +98,9 @@ def test_continuous_closed_loop_run_and_report(fake_gpu, tmp_path, capsys):
     assert s4["achieved"]["mean_concurrency"] == pytest.approx(4, rel=0.25)
     assert s4["engine_info"]["step_source"] == "scheduler" and s4["steps"] > 0
     assert man["config"]["resolved_engine"] == "continuous"
+    # the measured weighting is the default, and the run says where it comes from
+    w = s4["energy"]["weights"]
+    assert (w["prefill_per_token"], w["decode_per_token"]) == (0.31, 1.0) and "measured: H200" in w["source"]
     tok = pd.read_parquet(out / "tokens.parquet")
     assert len(tok) == req["tokens_out"].sum()
     per_req = tok.groupby("request_id")["energy_j"].sum()
@@ -320,3 +323,28 @@ def test_continuous_engine_requests_end_at_the_task_stop_sequences():
     rec = eng.serve(ServeRequest(prompt="Q?", request_id="a"))
     assert rec.stop_reason == "stop_string" and rec.n_output_tokens == 3 and rec.token_times_s.size == 3
     assert rec.extra["output_text"] == "Yes.\n" and "error" not in rec.extra
+
+
+def test_cache_sized_to_the_cell():
+    """The continuous engine's KV cache holds what can be in flight, not the GPU's free memory."""
+    from llm_dvfs.sweep.served import CACHE_MARGIN_TOKENS, LoadLevel, cache_tokens_for
+
+    prompts = [10, 50, 30, 20, 40, 5]
+    per = 50 + 16 + CACHE_MARGIN_TOKENS
+    assert cache_tokens_for(LoadLevel("concurrency", 4), prompts, 16) == 4 * per
+    assert cache_tokens_for(LoadLevel("concurrency", 16), prompts, 16) == 6 * per  # never more than n
+    assert cache_tokens_for(LoadLevel("rate", 2.0), prompts, 16) == 6 * per  # open loop: all may overlap
+
+
+def test_cb_cache_tokens_reaches_the_engine(fake_gpu, tmp_path, capsys):
+    out = tmp_path / "cache"
+    rc = main([*TINY, "--engine", "continuous", "--concurrency", "2", "--samples", "4", "--cb-cache-tokens", "4096",
+               "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    (marker,) = _markers(out)
+    cfg = marker["served"]["engine_info"]["cb_config"]
+    blocks = cfg.get("num_blocks")
+    page = cfg.get("page_size", cfg.get("block_size"))
+    assert blocks * page == 4096
+    assert main([*TINY, "--engine", "continuous", "--cb-cache-tokens", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "cb_cache_tokens: must be >= 1, got 0" in capsys.readouterr().err

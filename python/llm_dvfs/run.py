@@ -111,6 +111,7 @@ _SERVED_FLAGS = [
     ("--cooldown-s", "cooldown_s", "S"),
     ("--request-timeout-s", "request_timeout_s", "S"),
     ("--prefill-weight", "prefill_weight", "W"),
+    ("--cb-cache-tokens", "cb_cache_tokens", "N"),
 ]
 # on/off settings: each also has its --no- form (argparse.BooleanOptionalAction), so a value
 # from --config can be turned off on the command line; None = not given (the file decides)

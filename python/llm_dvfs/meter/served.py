@@ -123,9 +123,9 @@ class PhaseWeights:
     """How one step's energy is split over its requests: request ``r`` gets
     ``E_step · (w_p·p_r + w_d·d_r) / Σ(w_p·p + w_d·d)`` for ``p`` prefill and ``d`` decode tokens.
 
-    Only the ratio ``w_p / w_d`` matters. The default 1:1 comes from a cost model (docs/
-    attribution.md): a step's energy is ``c0 + c_p·P + c_d·D``, where ``c0`` (reading the weights
-    from HBM once, launches, the static power over that time) is shared by every token of the
+    Only the ratio ``w_p / w_d`` matters. The default, 0.31 : 1, is measured (below); a cost
+    model (docs/attribution.md) would say 1:1: a step's energy is ``c0 + c_p·P + c_d·D``, where
+    ``c0`` (reading the weights from HBM once, launches, the static power over that time) is shared by every token of the
     step, and the marginal cost of a token is its share of the weight matmuls, ``2·params``
     FLOPs, the same in both phases; a decode token adds the read of its KV cache, a prefill
     token its attention over the prompt, both second order for short contexts. Sharing ``c0``

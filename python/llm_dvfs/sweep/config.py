@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from llm_dvfs.errors import ConfigError
+from llm_dvfs.meter.served import DEFAULT_PREFILL_PER_TOKEN
 from llm_dvfs.sweep.rundir import RunDir
 from llm_dvfs.workload.model_args import parse_model_args
 
@@ -112,7 +113,8 @@ class SweepConfig:
     warmup_s: float = 0.0
     cooldown_s: float = 0.0
     request_timeout_s: float = 600.0
-    prefill_weight: float = 1.0
+    prefill_weight: float = DEFAULT_PREFILL_PER_TOKEN  # measured on the H200 (docs/attribution.md)
+    cb_cache_tokens: Optional[int] = None  # None: sized to the cell (sweep/served.cache_tokens_for)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -182,9 +184,12 @@ FIELD_HELP: dict[str, str] = {
     "warmup_s": "served traffic: seconds after the first request excluded as warm-up (default 0)",
     "cooldown_s": "served traffic: seconds before the last issue excluded as cool-down (default 0)",
     "request_timeout_s": "served traffic: a request not finished after this is failed (default 600)",
+    "cb_cache_tokens": "continuous engine: KV cache capacity in tokens (default: what the cell's requests "
+                       "in flight need, see docs/serving.md; transformers' memory-sized default made every "
+                       "step ~5x slower on an H200)",
     "prefill_weight": "served traffic: weight of a prompt token relative to a decode token when a "
-                      "shared engine step's energy is split (default 1: docs/attribution.md; "
-                      "measure it with bench/phase_weights.py)",
+                      "shared engine step's energy is split (default 0.31, measured on an H200 with "
+                      "bench/phase_weights.py: docs/attribution.md; re-measure for other GPUs/models)",
 }
 
 _FIELDS = [f.name for f in dataclasses.fields(SweepConfig)]
@@ -403,6 +408,8 @@ def _normalise(key: str, value: Any, source: str) -> Any:
         return list(dict.fromkeys(out))
     if key in ("repeats", "samples", "max_new_tokens"):
         return _to_int(value, where, 1)
+    if key == "cb_cache_tokens":
+        return None if value is None else _to_int(value, where, 1)
     if key in ("warmup", "seed", "warmup_requests", "cooldown_requests"):
         return _to_int(value, where, 0)
     if key in ("temperature",):

@@ -276,14 +276,47 @@ def _stop_body(stops: tuple[str, ...]) -> dict[str, Any]:
 # ============================================================================================
 # one cell
 # ============================================================================================
+#: Tokens added to each request's prompt length when sizing the cache (chat template, BOS, the
+#: partly filled last page).
+CACHE_MARGIN_TOKENS = 64
+
+
+def cache_tokens_for(level: LoadLevel, prompt_tokens: Sequence[int], max_new_tokens: int) -> int:
+    """KV-cache capacity (tokens) the continuous engine needs for one cell: every request that
+    can be in flight at once (``concurrency`` users in a closed loop; every request of an open
+    loop or trace) holding its longest prompt plus ``max_new_tokens``, with a margin.
+
+    Why not transformers' default: on a GPU it sizes the cache to free memory (~100 GB on an
+    H200), and with the ``paged|sdpa`` attention (transformers 5.17) every step then clears and
+    reads mask buffers of that size: engine steps of arch:llama-3.2-1b took 50-100 ms
+    (bench/cb_probe.py, bench/cb_profile.py; 66 ms per ``zero_``) instead of a few ms.
+    """
+    n = len(prompt_tokens)
+    in_flight = min(n, int(level.value)) if level.kind == "concurrency" else n
+    longest = max(prompt_tokens, default=0) + max_new_tokens + CACHE_MARGIN_TOKENS
+    return max(1, in_flight) * longest
+
+
+def _cell_cache_tokens(ctx: Any, level: LoadLevel, samples: Sequence[Any]) -> Optional[int]:
+    """--cb-cache-tokens, else :func:`cache_tokens_for` the cell (None on the CPU: the engine's
+    own CPU default)."""
+    cfg = ctx.plan.config
+    if cfg.cb_cache_tokens is not None:
+        return int(cfg.cb_cache_tokens)
+    if not str(ctx.loaded.device).startswith("cuda"):
+        return None
+    tok = ctx.loaded.tokenizer
+    return cache_tokens_for(level, [len(tok(s.prompt)["input_ids"]) for s in samples], cfg.max_new_tokens)
+
+
 class _Continuous:
     """The continuous engine for one cell: submit(i) serves request i (blocking), ending it at
     the task's stop sequences by cancelling it (what servers do), as generate's stop strings."""
 
-    def __init__(self, ctx: Any, stops: tuple[str, ...], timeout_s: float) -> None:
+    def __init__(self, ctx: Any, stops: tuple[str, ...], timeout_s: float, cache_tokens: Optional[int]) -> None:
         from llm_dvfs.workload.continuous import ContinuousEngine
 
-        self.engine = ContinuousEngine(ctx.loaded, ctx.runner.settings).start()
+        self.engine = ContinuousEngine(ctx.loaded, ctx.runner.settings, cache_tokens=cache_tokens).start()
         self.stops, self.timeout_s = stops, timeout_s
         self.longest = max((len(s) for s in stops), default=0)
 
@@ -391,8 +424,8 @@ def run_cell(ctx: Any, cell: Any, entry: Any, feats: Any, idle_w: float) -> None
                          request_id=f"{cell.cell_id}|{s.sample_id}|{i}", max_new_tokens=cfg.max_new_tokens,
                          metadata={"index": i}) for i, s in enumerate(samples)]
     schedule = level.schedule(n, cfg.seed, cell.repeat)
-    eng: Any = (_Continuous(ctx, stops, cfg.request_timeout_s) if cell.engine == "continuous"
-                else _Endpoint(cfg, cell.model, stops))
+    eng: Any = (_Continuous(ctx, stops, cfg.request_timeout_s, _cell_cache_tokens(ctx, level, samples))
+                if cell.engine == "continuous" else _Endpoint(cfg, cell.model, stops))
     bar = progress.cell(n, f"{cell.model} {cell.task} {cell.clock.label} {cell.engine} {level.label}")
 
     def done(_: Any) -> None:

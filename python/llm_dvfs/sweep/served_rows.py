@@ -57,8 +57,10 @@ def attribute(m: Any, records: list[Any], steps: Optional[list[Any]], prefill_we
     if m is None or not math.isfinite(m.energy_j):
         return None, {}, token_rows_without_energy(records, cell_id), []
     from llm_dvfs.meter.concurrency import DEFAULT_WEIGHTS_SOURCE, PhaseWeights, attribute_served
+    from llm_dvfs.meter.served import DEFAULT_PREFILL_PER_TOKEN
 
-    weights = PhaseWeights(prefill_weight, 1.0, source=DEFAULT_WEIGHTS_SOURCE if prefill_weight == 1.0
+    weights = PhaseWeights(prefill_weight, 1.0,
+                           source=DEFAULT_WEIGHTS_SOURCE if prefill_weight == DEFAULT_PREFILL_PER_TOKEN
                            else f"--prefill-weight {prefill_weight:g}")
     try:
         att = attribute_served(
