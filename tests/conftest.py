@@ -75,17 +75,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # -- building the emulator ----------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def fake_nvml_variant() -> Callable[[str], Path]:
-    """``fake_nvml_variant(variant) -> Path`` of the compiled emulator (built once, cached on disk
-    by source mtime in $FAKE_NVML_BUILD_DIR or tests/fakes/build). Skips without a C compiler."""
+def _variant_builder(library: str) -> Callable[[str], Path]:
+    """``get(variant) -> Path`` of one fake library (``"nvml"``: tests/fakes/fake_nvml.c,
+    ``"cuda"``: fake_cuda.c), each variant compiled once (and cached on disk by source mtime in
+    $FAKE_NVML_BUILD_DIR or tests/fakes/build). Skips the test without a C compiler; any other
+    build failure raises FakeBuildError."""
     build = _build_module()
+    compile_variant = {"nvml": build.build_fake, "cuda": build.build_fake_cuda}[library]
     built: dict[str, Path] = {}
 
     def get(variant: str = "full") -> Path:
         if variant not in built:
             try:
-                built[variant] = build.build_fake(variant)
+                built[variant] = compile_variant(variant)
             except build.FakeBuildError as e:
                 if "not found" in str(e):
                     pytest.skip(str(e))
@@ -93,6 +95,13 @@ def fake_nvml_variant() -> Callable[[str], Path]:
         return built[variant]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def fake_nvml_variant() -> Callable[[str], Path]:
+    """``fake_nvml_variant(variant) -> Path`` of the compiled emulator ("full", "minimal",
+    "no_required"). Skips without a C compiler."""
+    return _variant_builder("nvml")
 
 
 @pytest.fixture(scope="session")
@@ -100,20 +109,7 @@ def fake_cuda_variant() -> Callable[[str], Path]:
     """``fake_cuda_variant(variant) -> Path`` of the fake libcuda ("full", "old": unversioned names
     only, "no_devices": no device enumeration), built once into the emulator's build directory.
     Skips without a C compiler."""
-    build = _build_module()
-    built: dict[str, Path] = {}
-
-    def get(variant: str = "full") -> Path:
-        if variant not in built:
-            try:
-                built[variant] = build.build_fake_cuda(variant)
-            except build.FakeBuildError as e:
-                if "not found" in str(e):
-                    pytest.skip(str(e))
-                raise
-        return built[variant]
-
-    return get
+    return _variant_builder("cuda")
 
 
 @pytest.fixture(scope="session")
