@@ -414,9 +414,7 @@ class PowerMonitor:
         a = w.t_start_ns * 1e-9
         b = (w.t_end_ns or now_ns()) * 1e-9
         if self._sampler is None:
-            return Measurement(w.name, a, b, float("nan"), "none", None, float("nan"),
-                               float("nan"), {}, None, 0,
-                               [], [], float("nan"), self)
+            return Measurement.time_only(w.name, a, b, monitor=self)
         self._wait_covered(b, timeout_s, bracket=self._cfg["bracket_edges"] and b - a >= stitch.STITCH_MIN_S)
         from llm_dvfs import _core
 
