@@ -10,6 +10,9 @@ Fixtures
     fake_gpu               function: a fresh emulated GPU for this test, as a FakeGpu
                            (tests/fakes/fake_gpu.py); the environment points the package at it
     no_nvml_driver         function: LLM_DVFS_NVML_LIBRARY names a missing file ("no driver")
+    faults                 function: the test module's ``stub`` fixture (an OpenAI stub server,
+                           tests/servers/openai_stub.py) with its faults reset before and after
+                           this test, so a test can set ``faults.faults = Faults(...)``
 
 Markers
     @pytest.mark.fake_gpu(devices=1, variant="full", lag_ms=0, jitter_ms=0, buffer_gain=1.0,
@@ -219,3 +222,15 @@ def _changes_clocks_guard(request: pytest.FixtureRequest) -> None:
         return
     request.getfixturevalue("fake_gpu")
     assert_emulated_nvml()
+
+
+# -- the OpenAI stub server of a test module ------------------------------------------------------
+@pytest.fixture
+def faults(stub):
+    """The module's OpenAI stub (its ``stub`` fixture) with no faults at the start and the end of
+    this test: a test sets ``faults.faults = Faults(...)`` and leaves the next one a clean server."""
+    from servers.openai_stub import Faults
+
+    stub.faults = Faults()
+    yield stub
+    stub.faults = Faults()
