@@ -76,7 +76,7 @@ class BatchMeter(CallMeter):
         """``fn()`` (a forward pass) inside a window; returns (its result, the Batch, no pieces yet)."""
         return self.call(fn, name)  # type: ignore[return-value]
 
-    def generate(self, model: Any, kwargs: dict[str, Any],  # type: ignore[override]
+    def generate(self, model: Any, kwargs: dict[str, Any],
                  name: str = "lm_eval.generate") -> tuple[Any, Batch]:
         """``model.generate(**kwargs)`` inside a window, every step marked when token timing is
         on; returns (the output ids, the Batch; set what each prompt generated with
