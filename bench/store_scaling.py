@@ -5,7 +5,9 @@ Fills a PowerMonitor's sample store with synthetic lanes as the sampler would de
 history, then times measuring 1 s windows at the end of it (what a long sweep does after every
 request). The store appends in amortised O(1) and reads lanes as views, so the cost should not
 grow with history; the previous store re-sorted all of it on every pull (58 ms per window after
-10 h, review of issue 12).
+10 h, review of issue 12). Then the same for the errors in force during a window, against an
+error lane of 1k to 1M records: found by bisection (``SampleStore.error_episodes``), so the cost
+should stay flat; the previous code replayed the whole error history before every window.
 
     python bench/store_scaling.py
 """
@@ -79,6 +81,29 @@ def main() -> None:
         base = base or med
         print(f"{hist:>9.0f}s {mon._store.n_records():>12,} {fill_s:>8.1f} {med:>17.3f} {p90:>8.3f}"
               f"   ({med / base:.2f}x the 10 s cost)")
+    _error_lane_cost(args.windows)
+
+
+def _error_lane_cost(n_windows: int) -> None:
+    print(f"\n{'error records':>14} {'error_episodes us (median)':>27}")
+    base = None
+    for n in (1_000, 100_000, 1_000_000):
+        st = SampleStore(KINDS)
+        starts = np.arange(n // 2) * 0.01           # 5 ms episodes every 10 ms on one lane
+        t = np.column_stack([starts, starts + 0.005]).ravel()
+        st.add({"t_ns": (t * 1e9).astype(np.int64), "kind": np.full(len(t), KINDS["error"], np.uint8),
+                "device": np.zeros(len(t), np.uint32), "value": np.zeros(len(t)),
+                "extra": np.tile(np.array([15, 0], np.uint64), n // 2), "aux": np.full(len(t), 3, np.uint16)})
+        end = float(t[-1])
+        times = []
+        for k in range(n_windows):
+            lo = end - 1.0 - 0.001 * k
+            t0 = time.perf_counter()
+            st.error_episodes(0, lo, lo + 0.5, transient_codes=(3,))
+            times.append(time.perf_counter() - t0)
+        med = float(np.median(times)) * 1e6
+        base = base or med
+        print(f"{n:>14,} {med:>27.1f}   ({med / base:.2f}x the 1k cost)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ Fixtures
     fake_gpu               function: a fresh emulated GPU for this test, as a FakeGpu
                            (tests/fakes/fake_gpu.py); the environment points the package at it
     no_nvml_driver         function: LLM_DVFS_NVML_LIBRARY names a missing file ("no driver")
+    faults                 function: the test module's ``stub`` fixture (an OpenAI stub server,
+                           tests/servers/openai_stub.py) with its faults reset before and after
+                           this test, so a test can set ``faults.faults = Faults(...)``
 
 Markers
     @pytest.mark.fake_gpu(devices=1, variant="full", lag_ms=0, jitter_ms=0, buffer_gain=1.0,
@@ -75,17 +78,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # -- building the emulator ----------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def fake_nvml_variant() -> Callable[[str], Path]:
-    """``fake_nvml_variant(variant) -> Path`` of the compiled emulator (built once, cached on disk
-    by source mtime in $FAKE_NVML_BUILD_DIR or tests/fakes/build). Skips without a C compiler."""
+def _variant_builder(library: str) -> Callable[[str], Path]:
+    """``get(variant) -> Path`` of one fake library (``"nvml"``: tests/fakes/fake_nvml.c,
+    ``"cuda"``: fake_cuda.c), each variant compiled once (and cached on disk by source mtime in
+    $FAKE_NVML_BUILD_DIR or tests/fakes/build). Skips the test without a C compiler; any other
+    build failure raises FakeBuildError."""
     build = _build_module()
+    compile_variant = {"nvml": build.build_fake, "cuda": build.build_fake_cuda}[library]
     built: dict[str, Path] = {}
 
     def get(variant: str = "full") -> Path:
         if variant not in built:
             try:
-                built[variant] = build.build_fake(variant)
+                built[variant] = compile_variant(variant)
             except build.FakeBuildError as e:
                 if "not found" in str(e):
                     pytest.skip(str(e))
@@ -93,6 +98,13 @@ def fake_nvml_variant() -> Callable[[str], Path]:
         return built[variant]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def fake_nvml_variant() -> Callable[[str], Path]:
+    """``fake_nvml_variant(variant) -> Path`` of the compiled emulator ("full", "minimal",
+    "no_required"). Skips without a C compiler."""
+    return _variant_builder("nvml")
 
 
 @pytest.fixture(scope="session")
@@ -100,20 +112,7 @@ def fake_cuda_variant() -> Callable[[str], Path]:
     """``fake_cuda_variant(variant) -> Path`` of the fake libcuda ("full", "old": unversioned names
     only, "no_devices": no device enumeration), built once into the emulator's build directory.
     Skips without a C compiler."""
-    build = _build_module()
-    built: dict[str, Path] = {}
-
-    def get(variant: str = "full") -> Path:
-        if variant not in built:
-            try:
-                built[variant] = build.build_fake_cuda(variant)
-            except build.FakeBuildError as e:
-                if "not found" in str(e):
-                    pytest.skip(str(e))
-                raise
-        return built[variant]
-
-    return get
+    return _variant_builder("cuda")
 
 
 @pytest.fixture(scope="session")
@@ -223,3 +222,15 @@ def _changes_clocks_guard(request: pytest.FixtureRequest) -> None:
         return
     request.getfixturevalue("fake_gpu")
     assert_emulated_nvml()
+
+
+# -- the OpenAI stub server of a test module ------------------------------------------------------
+@pytest.fixture
+def faults(stub):
+    """The module's OpenAI stub (its ``stub`` fixture) with no faults at the start and the end of
+    this test: a test sets ``faults.faults = Faults(...)`` and leaves the next one a clean server."""
+    from servers.openai_stub import Faults
+
+    stub.faults = Faults()
+    yield stub
+    stub.faults = Faults()

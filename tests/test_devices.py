@@ -17,6 +17,8 @@ import pytest
 import llm_dvfs as ld
 from llm_dvfs import errors
 
+from gil_probe import python_thread_ticks, ticks_inside
+
 pytestmark = pytest.mark.native
 
 
@@ -373,34 +375,15 @@ def test_order_source_is_none_without_a_driver(no_nvml_driver):
 
 @pytest.mark.parametrize("call", ["driver_version", "nvml_version"])
 def test_version_queries_let_other_python_threads_run(fake_gpu, call):
-    import threading
     import time
     from llm_dvfs import _core
     fn = {"driver_version": "nvmlSystemGetDriverVersion", "nvml_version": "nvmlSystemGetNVMLVersion"}
     fake_gpu.set_latency_ms(fn[call], 300)  # a slow driver call
-    ran, stop = [], threading.Event()
-
-    def spin():  # notes the time every ~10 ms that it gets to run
-        last = 0.0
-        while not stop.is_set():
-            now = time.monotonic()
-            if now - last >= 0.01:
-                ran.append(now)
-                last = now
-
-    with _core.Session() as s:
-        th = threading.Thread(target=spin)
-        th.start()
-        try:
-            time.sleep(0.05)
-            t0 = time.monotonic()
-            v = getattr(s, call)()
-            t1 = time.monotonic()
-        finally:
-            stop.set()
-            th.join()
+    with _core.Session() as s, python_thread_ticks() as ran:
+        t0 = time.monotonic()
+        v = getattr(s, call)()
+        t1 = time.monotonic()
     assert v == {"driver_version": "580.159.04", "nvml_version": "12.580.159.04"}[call]
     assert t1 - t0 >= 0.3
     # the other thread ran all through the call: the GIL was released
-    during = [t for t in ran if t0 + 0.02 <= t <= t1 - 0.02]
-    assert len(during) >= 10, (t0, t1, ran)
+    assert len(ticks_inside(ran, t0, t1)) >= 10, (t0, t1, ran)

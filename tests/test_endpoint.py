@@ -35,17 +35,8 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def stub(tiny):
-    s = OpenAIStub(GenerateBackend(tiny)).start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def faults(stub):
-    """The stub's faults for this test only."""
-    stub.faults = Faults()
-    yield stub
-    stub.faults = Faults()
+    with OpenAIStub(GenerateBackend(tiny)) as s:
+        yield s
 
 
 def _generate_text(tiny, prompt, n):

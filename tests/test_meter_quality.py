@@ -105,6 +105,69 @@ def test_store_bounded_history_keeps_the_sample_in_force():
     assert st.n_records() == len(t)
 
 
+def _error_rec(t_s, codes, syms, fields, dev: int = 0):
+    rec = _rec(0, t_s, fields, dev)
+    rec["extra"] = np.asarray(codes, dtype=np.uint64)
+    rec["aux"] = np.asarray(syms, dtype=np.uint16)
+    return rec
+
+
+def _replayed_errors(st, dev, lo, hi, transient=(3,)):
+    """The reference: replay the whole error history up to hi (what error_episodes replaces)."""
+    t, f, c = st.get("error", dev)
+    x = st.get_aux("error", dev)
+    in_force, during = {}, []
+    for ti, fi, ci, xi in zip(t, f, c, x):
+        if ti > hi:
+            break
+        lane, code = (int(xi), int(fi)), int(ci)
+        if ti >= lo:
+            if code:
+                during.append((code, lane[0], lane[1]))
+        elif code and code not in transient:
+            in_force.pop(lane, None)
+            in_force[lane] = (code, lane[0], lane[1])
+        else:
+            in_force.pop(lane, None)
+    return list(in_force.values()) + during
+
+
+def test_store_error_episodes_by_bisection():
+    st = SampleStore({"error": 0})
+    # lane (sym 1, field 0): error 15 over [10, 12]; (2, 186): 999 over [20, 30]; (3, 0):
+    # NOT_SUPPORTED at 5 (never persists); (4, 0): 5000 short episodes of 5 ms from t = 100
+    st.add(_error_rec([5.0, 10.0, 12.0, 20.0, 30.0], [3, 15, 0, 999, 0], [3, 1, 1, 2, 2], [0, 0, 0, 186, 186]))
+    starts = 100.0 + 0.01 * np.arange(5000)
+    t = np.column_stack([starts, starts + 0.005]).ravel()
+    st.add(_error_rec(t, np.tile([999, 0], 5000), np.full(10000, 4), np.zeros(10000)))
+    far = [(1.0, 4.0), (13.0, 19.0), (31.0, 99.0), (300.0, 301.0)]
+    for lo, hi in far:
+        assert st.error_episodes(0, lo, hi, transient_codes=(3,)) == [], (lo, hi)
+    assert st.error_episodes(0, 6.0, 7.0, transient_codes=(3,)) == []       # NOT_SUPPORTED: gone
+    assert st.error_episodes(0, 6.0, 7.0) == [(3, 3, 0)]                    # unless it persists
+    assert st.error_episodes(0, 4.0, 6.0, transient_codes=(3,)) == [(3, 3, 0)]
+    assert st.error_episodes(0, 11.0, 11.5, transient_codes=(3,)) == [(15, 1, 0)]  # began before
+    assert st.error_episodes(0, 9.0, 10.0, transient_codes=(3,)) == [(15, 1, 0)]  # begins at hi
+    assert st.error_episodes(0, 11.0, 25.0, transient_codes=(3,)) == [(15, 1, 0), (999, 2, 186)]
+    # inside the dense lane: the episode in force at lo (began 140.000), the one that begins in it
+    assert st.error_episodes(0, 140.002, 140.012, transient_codes=(3,)) == [(999, 4, 0), (999, 4, 0)]
+    assert st.error_episodes(0, 140.006, 140.009, transient_codes=(3,)) == []
+    assert st.error_episodes(1, 0.0, 1e9) == []                             # another device
+    rng = np.random.default_rng(0)
+    for lo in rng.uniform(0.0, 160.0, 200):
+        hi = lo + rng.uniform(0.0, 2.0)
+        assert st.error_episodes(0, lo, hi, transient_codes=(3,)) == _replayed_errors(st, 0, lo, hi), (lo, hi)
+
+
+def test_store_error_in_force_survives_history_trimming():
+    st = SampleStore({"error": 0, "buffer": 1}, history_s=10.0)
+    st.add(_error_rec([1.0, 2.0, 3.0], [999, 15, 0], [2, 1, 1], [186, 0, 0]))
+    for k in range(100):  # 100 s of buffer samples: the error lane's old records are trimmed
+        st.add(_rec(1, np.arange(k, k + 1, 0.02), np.full(50, 100.0)))
+    assert st.error_episodes(0, 95.0, 96.0) == [(999, 2, 186)]               # still in force
+    assert st.error_episodes(0, 95.0, 96.0, transient_codes=(999,)) == []
+
+
 # -- against the emulator --------------------------------------------------------------------
 def test_window_equals_attribute_over_the_same_interval(fake_gpu):
     fake_gpu.set_lag_ms(22.0)

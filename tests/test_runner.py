@@ -180,3 +180,61 @@ def test_energy_attribution_with_emulated_gpu(tiny, synthetic, fake_gpu):
     assert np.allclose(_f(df["idle_power_w"]), idle)
     assert (df["sm_mhz_observed"] == 1980.0).all() and (df["gpu_name"] == "emulated").all()
     assert res.attribution["energy_method"] == "buffer"
+
+
+# -- CallMeter (llm_dvfs.meter.calls), what the runner and the lm_eval model measure through -----
+class _StubWindow:
+    def __init__(self, name, t_start_ns):
+        self.name, self.t_start_ns, self.t_end_ns = name, t_start_ns, None
+
+    def end(self):
+        self.t_end_ns = self.t_start_ns + 2_000_000_000
+        return self
+
+
+class _StubMonitor:
+    available = True
+    idle_power_w = float("nan")
+
+    def __init__(self):
+        self.windows = []
+
+    def begin_window(self, name, sync=True):
+        assert sync is False  # the meter synchronises the model's devices itself
+        self.windows.append(_StubWindow(name, 5_000_000_000))
+        return self.windows[-1]
+
+
+def test_call_meter_closes_the_window_when_the_call_raises():
+    from llm_dvfs.meter.calls import CallMeter
+
+    mon = _StubMonitor()
+    meter = CallMeter(mon, "cpu", token_timing=False)
+    assert meter.idle_power_w is None  # NaN baseline: none
+    res, call = meter.call(lambda: 41 + 1, "fwd")
+    assert res == 42 and call.window is mon.windows[0] and call.window.name == "fwd"
+    assert (call.t_start_s, call.t_end_s, call.duration_s) == (5.0, 7.0, 2.0)
+
+    def boom():
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        meter.call(boom, "fails")
+    assert mon.windows[1].name == "fails" and mon.windows[1].t_end_ns == 7_000_000_000
+
+
+def test_call_meter_time_only_measurement():
+    from llm_dvfs.meter.calls import CallMeter
+
+    meter = CallMeter(None, "cpu", token_timing=False)
+    assert meter.monitor is None and meter.timer is None and meter.timing_error is None
+    _, call = meter.call(lambda: None)
+    m = call.measurement()
+    assert call.window is None and call.t_end_s >= call.t_start_s > 0
+    assert (m.t_start_s, m.t_end_s) == (call.t_start_s, call.t_end_s)
+    assert math.isnan(m.energy_j) and m.energy_method == "none" and m.energy_j_counter is None
+    assert m.active_energy_j is None and math.isnan(m.sm_mhz) and m.devices == {} and not m.ok
+    assert call.errors() == []
+    call.set_tokens([3, 1])  # no timing: nothing to correct
+    assert call.timing is None
+    assert meter.attribute([call], [["r0"]], "c") == ({}, [], {})

@@ -44,13 +44,6 @@ def _check_accounting(req: pd.DataFrame, served: dict, rel: float = 0.01) -> Non
         assert e["sum_check_rel"] < 1e-9 and e["monitor_rel_diff"] < rel
 
 
-def _quiet(stub):
-    """The stub's handler threads print a traceback when a fault cuts their connection: that is
-    the test server's noise, not the CLI's output (which the tests check for tracebacks)."""
-    stub.httpd.handle_error = lambda request, client_address: None
-    return stub
-
-
 @pytest.fixture(scope="module")
 def stub():
     from servers.openai_stub import ContinuousBackend, OpenAIStub
@@ -58,20 +51,9 @@ def stub():
     from llm_dvfs.workload.continuous import ContinuousEngine
     from llm_dvfs.workload.models import load_model
 
-    eng = ContinuousEngine(load_model("arch:tiny", device="cpu", seed=0)).start()
-    s = _quiet(OpenAIStub(ContinuousBackend(eng))).start()
-    yield s
-    s.stop()
-    eng.stop()
-
-
-@pytest.fixture
-def faults(stub):
-    from servers.openai_stub import Faults
-
-    stub.faults = Faults()
-    yield stub
-    stub.faults = Faults()
+    with ContinuousEngine(load_model("arch:tiny", device="cpu", seed=0)) as eng, \
+            OpenAIStub(ContinuousBackend(eng), quiet=True) as s:
+        yield s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,8 +140,8 @@ def test_server_dies_mid_run_keeps_finished_requests_and_resume_reruns_the_cell(
     eng = ContinuousEngine(load_model("arch:tiny", device="cpu", seed=0)).start()
     # request 1 is the clock point's warm-up; the 4th of the cell dies after 2 chunks and takes
     # the server down with it
-    stub = _quiet(OpenAIStub(ContinuousBackend(eng), faults=Faults(die_after=2, stop_server=True,
-                                                                   on_requests={5}))).start()
+    stub = OpenAIStub(ContinuousBackend(eng), faults=Faults(die_after=2, stop_server=True, on_requests={5}),
+                      quiet=True).start()
     port = stub.port
     out = tmp_path / "dies"
     try:
@@ -175,7 +157,7 @@ def test_server_dies_mid_run_keeps_finished_requests_and_resume_reruns_the_cell(
         assert req["tokens_out"].tolist()[:4] == [5, 5, 5, 2]
         assert man["status"] == "failed" and _markers(out)[0]["aborted"]
         # the server comes back on the same port: --resume measures the aborted cell again
-        stub = _quiet(OpenAIStub(ContinuousBackend(eng), port=port)).start()
+        stub = OpenAIStub(ContinuousBackend(eng), port=port, quiet=True).start()
         assert main(["--resume", str(out), "-q"]) == 0
         req, man = _read(out)
         assert len(req) == 6 and req["error"].isna().all() and man["status"] == "complete"

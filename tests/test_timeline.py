@@ -28,6 +28,8 @@ from llm_dvfs.meter.timeline import (
     tokens_per_sequence,
 )
 
+from gil_probe import python_thread_ticks, ticks_inside
+
 FAKES = Path(__file__).parent / "fakes"
 _core = tlmod._core
 _skip_native = pytest.mark.skipif(_core is None or not hasattr(_core, "Timeline"),
@@ -342,35 +344,17 @@ def test_auto_calibration_keeps_long_timelines_accurate(fake):
 
 @native
 def test_a_calibrating_mark_lets_other_python_threads_run(fake):
-    import threading
     # Events complete 100 ms after they are recorded, so each of the three calibration brackets
     # the first mark takes spins ~100 ms (as behind a busy GPU).
     fake.set_latency(100_000_000, 20_000)
     tl = Timeline("event", reserve=16)
-    ran, stop = [], threading.Event()
-
-    def spin():  # notes the time every ~10 ms that it gets to run
-        last = 0.0
-        while not stop.is_set():
-            now = time.monotonic()
-            if now - last >= 0.01:
-                ran.append(now)
-                last = now
-
-    th = threading.Thread(target=spin)
-    th.start()
-    try:
-        time.sleep(0.05)
+    with python_thread_ticks() as ran:
         t0 = time.monotonic()
         tl.mark(LABEL_START, stream=0x56)
         t1 = time.monotonic()
-    finally:
-        stop.set()
-        th.join()
     assert tl.stats()["calibrations"] == 1 and t1 - t0 >= 0.3
     # the other thread ran all through the calibration: the GIL was released
-    during = [t for t in ran if t0 + 0.02 <= t <= t1 - 0.02]
-    assert len(during) >= 10, (t0, t1, ran)
+    assert len(ticks_inside(ran, t0, t1)) >= 10, (t0, t1, ran)
     fake.set_latency(3000, 20_000)
     t0 = time.monotonic()
     tl.mark(LABEL_STEP, stream=0x56)  # no calibration due: quick, GIL kept

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 import pandas as pd
@@ -63,10 +63,16 @@ def _table(*cols: Column) -> dict[str, Column]:
     return out
 
 
+def _cell_table(cell_id_description: str, *cols: Column) -> dict[str, Column]:
+    """A table a run writes: its first column is always ``cell_id`` (the run directory keeps one
+    part per cell and a resume replaces a cell's rows by it), then ``cols``."""
+    return _table(Column("cell_id", "string", "", cell_id_description), *cols)
+
+
 C = Column
 # One row per column, in the order of the written table.
-REQUEST_COLUMNS: dict[str, Column] = _table(
-    C("cell_id", "string", "", "model|task|clock point|batch size|repeat; stable across resumes"),
+REQUEST_COLUMNS: dict[str, Column] = _cell_table(
+    "model|task|clock point|batch size|repeat; stable across resumes",
     C("request_id", "string", "", "cell_id|sample id|position; unique in a run"),
     C("model", "string", "", "model spec as given (hub id, path or arch:NAME)"),
     C("revision", "string", "", "commit the weights were loaded at (hub cache), else as requested",
@@ -135,8 +141,8 @@ REQUEST_COLUMNS: dict[str, Column] = _table(
     C("output_text", "string", "", "the generated text"),
 )
 
-TOKEN_COLUMNS: dict[str, Column] = _table(
-    C("cell_id", "string", "", "cell of the request"),
+TOKEN_COLUMNS: dict[str, Column] = _cell_table(
+    "cell of the request",
     C("request_id", "string", "", "request of the token"),
     C("token_index", "int64", "", "0 = first generated token (ends prefill)"),
     C("phase", "string", "", "prefill | decode"),
@@ -145,8 +151,8 @@ TOKEN_COLUMNS: dict[str, Column] = _table(
     C("energy_j", "float64", "J", "energy attributed to the token", _NO_ENERGY),
 )
 
-POWER_COLUMNS: dict[str, Column] = _table(
-    C("cell_id", "string", "", "cell whose window the sample lies in"),
+POWER_COLUMNS: dict[str, Column] = _cell_table(
+    "cell whose window the sample lies in",
     C("t_s", "float64", "s", "sample time, host monotonic"),
     C("device", "int64", "", "GPU index (CUDA ordinal, as --gpu takes it)"),
     C("power_w", "float64", "W", "power sample (zero-order hold until the next)"),
@@ -263,8 +269,12 @@ def to_frame(kind: str, rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
                     extra.add(k)
                 else:
                     raise ValueError(f"column {k!r} is not in the {kind} schema (llm_dvfs/schema.py)")
-    data = {c.name: _cast([r.get(c.name) for r in rows], c.type) for c in columns(kind, sorted(extra))}
-    return pd.DataFrame(data, index=pd.RangeIndex(len(rows)))
+    return _typed_frame(columns(kind, sorted(extra)), lambda name: [r.get(name) for r in rows], len(rows))
+
+
+def _typed_frame(cols: list[Column], values_of: Callable[[str], Any], n: int) -> pd.DataFrame:
+    """``n`` rows with ``cols`` in order, each ``values_of(name)`` cast to its nullable dtype."""
+    return pd.DataFrame({c.name: _cast(values_of(c.name), c.type) for c in cols}, index=pd.RangeIndex(n))
 
 
 def empty(kind: str) -> pd.DataFrame:
@@ -284,10 +294,9 @@ def conform(kind: str, df: pd.DataFrame, notes: Optional[list[str]] = None, sour
     if missing and notes is not None:
         notes.append(f"{source or kind} lacks column(s) {', '.join(missing)}; treated as missing values.")
     n = len(df)
-    data = {c.name: _cast(df[c.name] if c.name in df.columns else [None] * n, c.type) for c in cols}
-    out = pd.DataFrame(data, index=pd.RangeIndex(n))
+    out = _typed_frame(cols, lambda name: df[name] if name in df.columns else [None] * n, n)
     for c in df.columns:
-        if c not in data:
+        if c not in out.columns:
             out[c] = df[c].to_numpy()
     out.attrs = dict(df.attrs)
     return out

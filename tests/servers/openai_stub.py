@@ -295,10 +295,14 @@ class OpenAIStub:
         host, port: where to listen (port 0: a free one; see :attr:`url`).
         model_name: the id ``/v1/models`` lists and chunks carry.
         faults: :class:`Faults` (mutable: tests set them between requests).
+        quiet: print no traceback when a fault cuts a handler's connection (that is the test
+            server's noise, not the output of the client under test, which tests check for
+            tracebacks).
     """
 
     def __init__(self, backend: Any, *, host: str = "127.0.0.1", port: int = 0,
-                 model_name: str = "llm_dvfs-stub/arch:tiny", faults: Optional[Faults] = None) -> None:
+                 model_name: str = "llm_dvfs-stub/arch:tiny", faults: Optional[Faults] = None,
+                 quiet: bool = False) -> None:
         self.backend = backend
         self.tokenizer = (backend.loaded if hasattr(backend, "loaded") else backend.engine.loaded).tokenizer
         self.model_name = model_name
@@ -309,6 +313,8 @@ class OpenAIStub:
         self.httpd = ThreadingHTTPServer((host, port), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.stub = self  # type: ignore[attr-defined]
+        if quiet:
+            self.httpd.handle_error = lambda request, client_address: None  # type: ignore[method-assign]
         self.host, self.port = self.httpd.server_address[:2]
         self._thread: Optional[threading.Thread] = None
         self._serving = threading.Event()

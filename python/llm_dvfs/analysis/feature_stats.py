@@ -22,12 +22,22 @@ EXACT_P_MAX_N = 7
 
 
 def _analysis_groups(requests: pd.DataFrame, group_keys: Sequence[str] | None, per_clock: bool
-                     ) -> tuple[pd.DataFrame, list[str]]:
+                     ) -> tuple[list[str], list[tuple[dict[str, Any], pd.DataFrame]]]:
+    """The key columns of a result table (the group keys, then the clock keys and
+    ``clock_mhz`` when ``per_clock``) and, per group in key order (NaN keys kept), its key
+    values as a row dict and its requests. No requests: no groups."""
     keys = list(group_keys) if group_keys is not None else default_group_keys(requests)
     df = with_clock_mhz(requests, keys)
     if per_clock:
         keys = keys + list(CLOCK_KEYS)
-    return df, keys
+    groups = []
+    if not df.empty:
+        for key, g in df.groupby(keys, dropna=False, sort=True):
+            base = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+            if per_clock:
+                base["clock_mhz"] = float(g["clock_mhz"].iloc[0])
+            groups.append((base, g))
+    return keys + (["clock_mhz"] if per_clock else []), groups
 
 
 def feature_correlations(requests: pd.DataFrame, *, features: Sequence[str] | None = None,
@@ -52,18 +62,14 @@ def feature_correlations(requests: pd.DataFrame, *, features: Sequence[str] | No
     ``constant target``, ``n < min_n`` or empty). No features gives an empty table.
     """
     features = list(features) if features is not None else feature_columns(requests)
-    df, keys = _analysis_groups(requests, group_keys, per_clock)
-    cols = keys + (["clock_mhz"] if per_clock else []) + [
+    key_cols, groups = _analysis_groups(requests, group_keys, per_clock)
+    cols = key_cols + [
         "feature", "target", "n", "pearson_r", "pearson_p", "spearman_rho", "spearman_p",
         "pearson_q", "spearman_q", "p_method", "note"]
     rows = []
-    if not features or df.empty:
+    if not features or not groups:
         return pd.DataFrame(columns=cols)
-    for key, g in df.groupby(keys, dropna=False, sort=True):
-        key = key if isinstance(key, tuple) else (key,)
-        base = dict(zip(keys, key))
-        if per_clock:
-            base["clock_mhz"] = float(g["clock_mhz"].iloc[0])
+    for base, g in groups:
         for t in targets:
             y_all = pd.to_numeric(g[t], errors="coerce").to_numpy(dtype=float)
             for feat in features:
@@ -202,17 +208,13 @@ def feature_regression(requests: pd.DataFrame, *, target: str = "energy_j",
     No features gives an empty table.
     """
     features = list(features) if features is not None else feature_columns(requests)
-    df, keys = _analysis_groups(requests, group_keys, per_clock)
-    cols = keys + (["clock_mhz"] if per_clock else []) + [
+    key_cols, groups = _analysis_groups(requests, group_keys, per_clock)
+    cols = key_cols + [
         "target", "feature", "beta", "coef", "se", "p_value", "note", "n", "p", "r2", "adj_r2", "status"]
     rows = []
-    if not features or df.empty:
+    if not features or not groups:
         return pd.DataFrame(columns=cols)
-    for key, g in df.groupby(keys, dropna=False, sort=True):
-        key = key if isinstance(key, tuple) else (key,)
-        base = dict(zip(keys, key))
-        if per_clock:
-            base["clock_mhz"] = float(g["clock_mhz"].iloc[0])
+    for base, g in groups:
         y = pd.to_numeric(g[target], errors="coerce").to_numpy(dtype=float)
         gstat, feats = _regress_one(g[features], y)
         for f in features:

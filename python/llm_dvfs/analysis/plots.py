@@ -90,6 +90,19 @@ def _save(fig: Figure, path: str | Path | None) -> Figure:
     return fig
 
 
+def _panels(df: pd.DataFrame, keys: Sequence[str]) -> tuple[Figure, list[tuple[Any, pd.DataFrame]]]:
+    """A figure with one panel per group of ``df`` by ``keys`` (in key order, NaN keys kept),
+    each titled with its group's label; (the figure, [(axes, group rows)]). Without rows: one
+    panel that says "no data", and no groups."""
+    groups = list(df.groupby(list(keys), dropna=False, sort=True)) if len(df) else []
+    fig, axes = _figure(len(groups))
+    if not groups:
+        _no_data(axes[0])
+    for ax, (key, _) in zip(axes, groups):
+        ax.set_title(_label(keys, key if isinstance(key, tuple) else (key,)), fontsize=10)
+    return fig, [(ax, g) for ax, (_, g) in zip(axes, groups)]
+
+
 def _yerr(g: pd.DataFrame, metric: str) -> np.ndarray:
     c = g[center_column(metric)].to_numpy(dtype=float)
     lo = g[f"{metric}_ci_low"].to_numpy(dtype=float)
@@ -106,9 +119,7 @@ def plot_metric_vs_clock(summary: pd.DataFrame, metric: str = "energy_j", *,
     clock point is drawn as a star, the lowest value of each series is ringed. Observe-mode
     points sit at their median observed clock, with a horizontal bar over the observed range.
     """
-    pk = _panel_keys(summary)
-    groups = list(summary.groupby(pk, dropna=False, sort=True)) if len(summary) else []
-    fig, axes = _figure(len(groups))
+    fig, panels = _panels(summary, _panel_keys(summary))
     cc = center_column(metric)
     skeys = [k for k in ("batch_size", "mem_mhz_requested", "power_limit_w_requested", "observe")
              if k in summary.columns]
@@ -122,9 +133,7 @@ def plot_metric_vs_clock(summary: pd.DataFrame, metric: str = "energy_j", *,
     # one colour per series across all panels
     labels = sorted({series_label(r) for _, r in summary.iterrows()}) if len(summary) else []
     color_of = {lab: f"C{i % 10}" for i, lab in enumerate(labels)}
-    for ax, (key, g) in zip(axes, groups):
-        key = key if isinstance(key, tuple) else (key,)
-        ax.set_title(_label(pk, key), fontsize=10)
+    for ax, g in panels:
         if cc not in g.columns or not np.isfinite(g[cc].to_numpy(dtype=float)).any():
             _no_data(ax, f"no {metric} data")
             continue
@@ -152,8 +161,6 @@ def plot_metric_vs_clock(summary: pd.DataFrame, metric: str = "energy_j", *,
         ax.grid(alpha=0.3)
         if any(h.get_label() and not h.get_label().startswith("_") for h in ax.get_legend_handles_labels()[0]):
             ax.legend(fontsize=8)
-    if not groups:
-        _no_data(axes[0])
     fig.suptitle(f"{METRIC_LABELS.get(metric, metric)} vs SM clock  (★ reference, ◯ lowest; bars: 95 % CI)",
                  fontsize=11)
     return _save(fig, path)
@@ -163,12 +170,8 @@ def plot_pareto(summary: pd.DataFrame, *, path: str | Path | None = None) -> Fig
     """Median energy per request vs median latency per clock point, one panel per model ×
     task (× batch size); the Pareto frontier (``summary.pareto``) is connected, points are
     labelled with their clock."""
-    gk = _group_keys(summary)
-    groups = list(summary.groupby(gk, dropna=False, sort=True)) if len(summary) else []
-    fig, axes = _figure(len(groups))
-    for ax, (key, g) in zip(axes, groups):
-        key = key if isinstance(key, tuple) else (key,)
-        ax.set_title(_label(gk, key), fontsize=10)
+    fig, panels = _panels(summary, _group_keys(summary))
+    for ax, g in panels:
         x = g["latency_s_median"].to_numpy(dtype=float)
         y = g["energy_j_median"].to_numpy(dtype=float)
         ok = np.isfinite(x) & np.isfinite(y)
@@ -190,8 +193,6 @@ def plot_pareto(summary: pd.DataFrame, *, path: str | Path | None = None) -> Fig
         ax.set_ylabel(METRIC_LABELS["energy_j"])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    if not groups:
-        _no_data(axes[0])
     fig.suptitle("Energy–latency trade-off (labels: SM clock in MHz, ★ reference)", fontsize=11)
     return _save(fig, path)
 
@@ -430,15 +431,11 @@ def plot_edp_vs_clock(edp: pd.DataFrame, *, path: str | Path | None = None) -> F
     """EDP (E·t, solid) and ED²P (E·t², dashed) vs SM clock, normalised to the highest clock
     (= 1, dotted line), one panel per model × task; series: batch size, memory clock, power
     limit. The lowest point of each curve is ringed. Input: :func:`tradeoffs.edp_table`."""
-    pk = _panel_keys(edp)
-    groups = list(edp.groupby(pk, dropna=False, sort=True)) if len(edp) else []
-    fig, axes = _figure(len(groups))
+    fig, panels = _panels(edp, _panel_keys(edp))
     skeys = _series_groups(edp)
     labels = sorted({_series_label(edp, r) for _, r in edp.iterrows()}) if len(edp) else []
     color_of = {lab: f"C{i % 10}" for i, lab in enumerate(labels)}
-    for ax, (key, g) in zip(axes, groups):
-        key = key if isinstance(key, tuple) else (key,)
-        ax.set_title(_label(pk, key), fontsize=10)
+    for ax, g in panels:
         if not np.isfinite(g["edp_rel"].to_numpy(dtype=float)).any():
             _no_data(ax, "no energy data" if len(g) > 1 or not np.isfinite(g["edp_j_s"].to_numpy(dtype=float)).any()
                      else "one clock point")
@@ -460,8 +457,6 @@ def plot_edp_vs_clock(edp: pd.DataFrame, *, path: str | Path | None = None) -> F
         ax.set_ylabel("relative to the highest clock")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    if not groups:
-        _no_data(axes[0])
     fig.suptitle("Energy–delay product E·t (solid) and ED²P E·t² (dashed) vs SM clock, ÷ the highest clock's "
                  "(◯ lowest)", fontsize=11)
     return _save(fig, path)
@@ -472,12 +467,8 @@ def plot_saving_vs_slowdown(edp: pd.DataFrame, *, path: str | Path | None = None
     (labelled with its SM clock), one panel per model × task × batch size. Pareto points (no other
     point saves more energy with less slowdown) are filled and joined in red; dominated points
     are hollow. Input: :func:`tradeoffs.edp_table`."""
-    gk = _group_keys(edp)
-    groups = list(edp.groupby(gk, dropna=False, sort=True)) if len(edp) else []
-    fig, axes = _figure(len(groups))
-    for ax, (key, g) in zip(axes, groups):
-        key = key if isinstance(key, tuple) else (key,)
-        ax.set_title(_label(gk, key), fontsize=10)
+    fig, panels = _panels(edp, _group_keys(edp))
+    for ax, g in panels:
         x = g["slowdown_pct"].to_numpy(dtype=float)
         y = g["saving_pct"].to_numpy(dtype=float)
         ok = np.isfinite(x) & np.isfinite(y)
@@ -499,8 +490,6 @@ def plot_saving_vs_slowdown(edp: pd.DataFrame, *, path: str | Path | None = None
         ax.set_ylabel("energy saving vs highest clock (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    if not groups:
-        _no_data(axes[0])
     fig.suptitle("Energy saving vs slowdown per clock point (labels: SM clock in MHz, ★ reference)", fontsize=11)
     return _save(fig, path)
 

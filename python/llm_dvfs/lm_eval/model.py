@@ -414,7 +414,7 @@ class LlmDvfsLM(LM):
                 with torch.inference_mode():
                     out, batch = self.meter.generate(self.model, dict(call, stopping_criteria=stop))
                 n_out = generated_lengths(stop, out, prompt_len)
-                self.meter.set_tokens(batch, n_out)
+                batch.set_tokens(n_out)
                 gen = out[:, prompt_len:].detach().cpu()
                 for j, (pos, req) in enumerate(chunk):
                     text = tok.decode(gen[j, :n_out[j]], skip_special_tokens=True)

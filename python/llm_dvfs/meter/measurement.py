@@ -92,6 +92,14 @@ class Measurement:
     resolution_s: float = float("nan") # coarsest update period of the sources used, s
     _monitor: Any = field(default=None, repr=False, compare=False)
 
+    @classmethod
+    def time_only(cls, name: str, t_start_s: float, t_end_s: float, monitor: Any = None) -> "Measurement":
+        """A window measured without a power source: its edges only, NaN energies and powers,
+        ``energy_method`` ``"none"``, no devices (so NaN clocks), never ``ok``."""
+        nan = float("nan")
+        return cls(name, t_start_s, t_end_s, energy_j=nan, energy_method="none", energy_j_counter=None,
+                   avg_power_w=nan, peak_power_w=nan, devices={}, _monitor=monitor)
+
     @property
     def duration_s(self) -> float:
         return self.t_end_s - self.t_start_s

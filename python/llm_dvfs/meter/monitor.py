@@ -95,29 +95,8 @@ def _held_values(t: np.ndarray, v: np.ndarray, a: float, b: float) -> np.ndarray
     return v[i0:max(i1, i0 + 1)]
 
 
+# the one NVML error that does not persist: the sampler falls back and stops calling that lane
 _NVML_ERROR_NOT_SUPPORTED = 3
-
-
-def _lane_errors(st: SampleStore, k: int, lo: float, hi: float) -> list[tuple[int, int, int]]:
-    """(nvmlReturn, NvmlSym index, field id) of each error episode of a lane that was in force
-    at some time in [lo, hi]. The sampler records a lane's error once when it starts and once
-    (code 0) when the lane works again, so an error that began before lo still counts. Only
-    NOT_SUPPORTED does not persist: the sampler then stops calling that lane (a fallback)."""
-    et, efield, ecode = st.get("error", k)
-    eaux = st.get_aux("error", k)
-    in_force: dict[tuple[int, int], tuple[int, int, int]] = {}
-    during: list[tuple[int, int, int]] = []
-    n = int(np.searchsorted(et, hi, side="right"))
-    for t, f, c, x in zip(et[:n], efield[:n], ecode[:n], eaux[:n]):
-        lane, code = (int(x), int(f)), int(c)
-        if t >= lo:
-            if code:
-                during.append((code, lane[0], lane[1]))
-        elif code and code != _NVML_ERROR_NOT_SUPPORTED:
-            in_force[lane] = (code, lane[0], lane[1])
-        else:
-            in_force.pop(lane, None)
-    return list(in_force.values()) + during
 
 
 class PowerMonitor:
@@ -435,9 +414,7 @@ class PowerMonitor:
         a = w.t_start_ns * 1e-9
         b = (w.t_end_ns or now_ns()) * 1e-9
         if self._sampler is None:
-            return Measurement(w.name, a, b, float("nan"), "none", None, float("nan"),
-                               float("nan"), {}, None, 0,
-                               [], [], float("nan"), self)
+            return Measurement.time_only(w.name, a, b, monitor=self)
         self._wait_covered(b, timeout_s, bracket=self._cfg["bracket_edges"] and b - a >= stitch.STITCH_MIN_S)
         from llm_dvfs import _core
 
@@ -585,7 +562,8 @@ class PowerMonitor:
         margin = 2 * self._cfg["poll_period_s"] + self._cfg["buffer_period_s"]
         errs = [errors.from_nvml(c, core.nvml_symbol_name(x),
                                  "reported by the sampler thread" + (f" for field {f}" if f else ""))
-                for c, x, f in _lane_errors(st, k, a - margin, b + margin)]
+                for c, x, f in st.error_episodes(k, a - margin, b + margin,
+                                                 transient_codes=(_NVML_ERROR_NOT_SUPPORTED,))]
         if errs:
             flags.append("nvml_error")
         dur = b - a

@@ -9,10 +9,15 @@ oldest retained instant is ``start_s``).
 
 Records that would go back in time on a lane are dropped: after ``stop(); start()`` the new
 sampler re-reads the driver's buffer (its last ~2.4 s), and those samples are already stored.
+
+Error records (kind ``error``: value = NVML field id, extra = nvmlReturn, aux = NvmlSym index)
+are also filed per *error lane* (symbol, field), so that :meth:`SampleStore.error_episodes`
+finds the errors in force during a window by bisection, O(lanes · log n + k), instead of
+replaying the whole error history before it.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -100,6 +105,8 @@ class SampleStore:
         self.history_s = history_s
         self.start_s = float("-inf")     # oldest instant the store still covers
         self._lanes: dict[tuple[str, int], Lane] = {}
+        # device -> (NvmlSym index, field id) -> that error lane's records (x = nvmlReturn)
+        self._error_lanes: dict[int, dict[tuple[int, int], Lane]] = {}
         self._latest_s = float("-inf")
         self._next_trim_s = float("inf") if history_s is None else float("-inf")
 
@@ -125,18 +132,44 @@ class SampleStore:
             kind_id, dev = divmod(int(key[idx[0]]), 65536)
             name = self.kind_names.get(kind_id, f"kind{kind_id}")
             aux = rec["aux"][idx].astype(np.float64) if name == "error" else None
+            lane = self.lane(name, dev)
+            n_before = lane.n
             # buffer samples carry driver timestamps: an equal time is a re-read, not a new sample
-            self.lane(name, dev).append(t_all[idx], rec["value"][idx], rec["extra"][idx].copy(), aux,
-                                        strict=(name == "buffer"))
+            lane.append(t_all[idx], rec["value"][idx], rec["extra"][idx].copy(), aux,
+                        strict=(name == "buffer"))
+            if name == "error":
+                self._file_errors(dev, lane, n_before)
         self._latest_s = max(self._latest_s, float(t_all.max()))
         if self._latest_s >= self._next_trim_s:
             self._trim()
+
+    def _file_errors(self, dev: int, lane: Lane, n_before: int) -> None:
+        """File the error records the lane just kept (from position ``n_before``) by error lane."""
+        if lane.n == n_before:
+            return
+        by_lane = self._error_lanes.setdefault(dev, {})
+        sl = slice(n_before, lane.n)
+        t, v, x, sym = lane.t[sl], lane.v[sl], lane.x[sl], lane.aux[sl]
+        pairs, which = np.unique(np.column_stack([sym, v]), axis=0, return_inverse=True)
+        which = which.reshape(-1)
+        for p, (s, f) in enumerate(pairs):
+            key = (int(s), int(f))
+            sub = by_lane.get(key)
+            if sub is None:
+                sub = by_lane[key] = Lane(capacity=16)
+            m = which == p
+            sub.append(t[m], v[m], x[m])
 
     def _trim(self) -> None:
         assert self.history_s is not None
         t_min = self._latest_s - self.history_s
         for lane in self._lanes.values():
             lane.trim_before(t_min)
+        # each error lane keeps its record in force at t_min: an error that began before the
+        # retained history and still lasts is still reported
+        for by_lane in self._error_lanes.values():
+            for lane in by_lane.values():
+                lane.trim_before(t_min)
         self.start_s = max(self.start_s, t_min)
         self._next_trim_s = self._latest_s + 0.25 * self.history_s
 
@@ -152,6 +185,35 @@ class SampleStore:
         if lane is None or lane.aux is None:
             return _EMPTY_F
         return lane.aux[:lane.n]
+
+    def error_episodes(self, dev: int, lo_s: float, hi_s: float,
+                       transient_codes: Iterable[int] = ()) -> list[tuple[int, int, int]]:
+        """(nvmlReturn, NvmlSym index, field id) of each error of ``dev`` in force at some time in
+        [lo_s, hi_s] (host monotonic s).
+
+        The sampler records a lane's error once when it starts and once with code 0 when the
+        lane works again, so an error that began before ``lo_s`` counts while it lasts: first
+        those (the last record of each error lane before ``lo_s``, in the order they began),
+        then every non-zero record inside [lo_s, hi_s] in time order. Codes in
+        ``transient_codes`` never persist from before ``lo_s`` (the sampler stops calling a lane
+        that answers NOT_SUPPORTED: it falls back and records nothing more). Costs
+        O(error lanes · log n + k) for n error records and k of them inside the interval.
+        """
+        transient = set(transient_codes)
+        before: list[tuple[float, tuple[int, int, int]]] = []
+        for (sym, field_id), lane in self._error_lanes.get(dev, {}).items():
+            i = int(np.searchsorted(lane.t[:lane.n], lo_s, side="left")) - 1  # last record < lo_s
+            if i >= 0:
+                code = int(lane.x[i])
+                if code and code not in transient:
+                    before.append((float(lane.t[i]), (code, sym, field_id)))
+        before.sort(key=lambda e: e[0])
+        t, field_ids, codes = self.get("error", dev)
+        syms = self.get_aux("error", dev)
+        i0 = int(np.searchsorted(t, lo_s, side="left"))
+        i1 = int(np.searchsorted(t, hi_s, side="right"))
+        during = [(int(codes[j]), int(syms[j]), int(field_ids[j])) for j in range(i0, i1) if codes[j]]
+        return [e for _, e in before] + during
 
     def n_records(self) -> int:
         return sum(lane.n for lane in self._lanes.values())

@@ -35,7 +35,8 @@ the sequences still generating in it: per request ``energy_j``, ``prefill_energy
 generated token. If the attribution cannot run (no trace) each request keeps ``1/batch_size``
 of its batch window's energy. Without a GPU (time only) the marks still give TTFT, TPOT and the
 token intervals; energies are NaN (``energy_method='none'``). All of this lives in
-:class:`_Instrument`, the one place that knows how measuring works.
+:class:`llm_dvfs.meter.calls.CallMeter`, the one place that knows how measuring works (the
+lm-evaluation-harness model measures through it too).
 
 ``latency_s`` is the batch's duration: every request of a batch waits for the whole batch.
 Warm-up batches (``warmup``) run the cell's own shapes first and are excluded from the rows.
@@ -51,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from llm_dvfs.errors import ConfigError
+from llm_dvfs.meter.calls import ATTRIBUTED_COLUMNS, CallMeter, MeteredCall
 from llm_dvfs.workload.stopping import STOP_REASONS, build_stop_criteria, eos_token_ids, finish_reasons
 
 log = logging.getLogger(__name__)
@@ -143,160 +145,6 @@ def score_batch(task: Any, samples: Sequence[Any], outputs: Sequence[str], loade
 
 
 # --------------------------------------------------------------------------------------------
-# measurement of one generate call
-# --------------------------------------------------------------------------------------------
-@dataclass
-class BatchMeasurement:
-    """One measured ``generate`` call. Energies in J, times in s (host monotonic), MHz.
-
-    The energy fields are the monitor window's (whole batch); ``timing`` is the
-    :class:`~llm_dvfs.timeline.TokenTiming` of the call (None when token timing is off).
-    """
-
-    t_start_s: float
-    t_end_s: float
-    energy_j: float
-    energy_method: str
-    energy_j_counter: Optional[float]
-    avg_power_w: float
-    active_energy_j: Optional[float]
-    sm_mhz: float
-    mem_mhz: float
-    clock_event_reasons: Optional[int]
-    errors: list[str]
-    timing: Any = None
-
-    @property
-    def duration_s(self) -> float:
-        return self.t_end_s - self.t_start_s
-
-
-def _window_measurement(w: Any, t0: float, t1: float) -> BatchMeasurement:
-    if w is None:
-        return BatchMeasurement(t0, t1, math.nan, "none", None, math.nan, None, math.nan, math.nan, None, [])
-    m = w.measurement()
-    errs = [str(e) for e in m.errors]
-    if m.dropped_records:
-        errs.append(f"{m.dropped_records} sampler records dropped")
-    return BatchMeasurement(
-        t_start_s=m.t_start_s, t_end_s=m.t_end_s, energy_j=m.energy_j, energy_method=m.energy_method,
-        energy_j_counter=m.energy_j_counter, avg_power_w=m.avg_power_w, active_energy_j=m.active_energy_j,
-        sm_mhz=m.sm_mhz, mem_mhz=m.mem_mhz,
-        clock_event_reasons=m.clock_event_reasons if m.devices else None, errors=errs)
-
-
-@dataclass
-class _Pending:
-    """A measured batch whose window is closed but not yet finalised."""
-
-    window: Any
-    t_start_s: float
-    t_end_s: float
-    timing: Any = None
-
-
-class _Instrument:
-    """Measures ``generate`` calls: a monitor window around each call and token marks inside it
-    (:class:`~llm_dvfs.timeline.TokenTimer`); after a cell, :meth:`attribute` turns the power
-    trace and the marks into per-request and per-token energy (:mod:`llm_dvfs.meter.attribution`).
-    This is the one place of the runner that knows how measuring works.
-    """
-
-    #: trace margin around a cell for the attribution's lag search (its default range is 0.1 s)
-    TRACE_MARGIN_S = 0.25
-
-    def __init__(self, monitor: Any, device: str, token_timing: bool = True) -> None:
-        self.monitor = monitor if (monitor is not None and getattr(monitor, "available", False)) else None
-        self.device = device
-        self._cuda = device.startswith("cuda")
-        self.timer = None
-        if token_timing:
-            from llm_dvfs import errors
-            from llm_dvfs.meter.timeline import Timeline, TokenTimer
-            try:
-                # built here, not lazily in generate: a missing CUDA driver library must not
-                # fail a cell halfway
-                self.timer = TokenTimer(device=device, timeline=Timeline("auto", device=device))
-            except (errors.LlmDvfsError, OSError) as e:
-                log.warning("token timing unavailable on %s (%s: %s): TTFT, TPOT and per-token "
-                            "energy will be empty", device, type(e).__name__, e)
-
-    def _sync(self) -> None:
-        if self._cuda:
-            import torch
-            torch.cuda.synchronize(self.device)
-
-    @staticmethod
-    def _now_s() -> float:
-        from llm_dvfs.meter.timeline import host_monotonic_ns
-        return host_monotonic_ns() * 1e-9
-
-    def run(self, model: Any, inputs: Mapping[str, Any], kwargs: dict[str, Any]) -> tuple[Any, "_Pending"]:
-        """``model.generate(**inputs, **kwargs)`` inside a window; returns (output ids, the
-        pending measurement). :meth:`measure` turns it into a :class:`BatchMeasurement` later:
-        finalising a window waits until the sampler has delivered samples past its end (tens of
-        ms), so the runner does it once per cell instead of once per batch."""
-        self._sync()  # earlier queued work must not leak into the window
-        # sync=False: this runner synchronises its own device above and below; the monitor's
-        # default would synchronise every monitored device a second time at each edge
-        w = self.monitor.begin_window("batch", sync=False) if self.monitor is not None else None
-        t0 = self._now_s() if w is None else w.t_start_ns * 1e-9
-        if self.timer is not None:
-            out = self.timer.generate(model, **inputs, **kwargs)  # marks start, each step, end
-        else:
-            out = model.generate(**inputs, **kwargs)
-        self._sync()
-        if w is not None:
-            w.end()
-        t1 = self._now_s() if w is None else w.t_end_ns * 1e-9
-        return out, _Pending(w, t0, t1, self.timer.timing if self.timer is not None else None)
-
-    @staticmethod
-    def measure(p: "_Pending") -> BatchMeasurement:
-        bm = _window_measurement(p.window, p.t_start_s, p.t_end_s)
-        bm.timing = p.timing
-        return bm
-
-    def attribute(self, batches: Sequence[BatchMeasurement], request_ids: Sequence[Sequence[str]],
-                  cell_id: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-        """Per-request values (by request id), token rows and a summary for the cell's batches.
-
-        With a power trace: :func:`llm_dvfs.attribution.attribute` over the whole cell (one lag
-        estimate from all batch edges). Without one (CPU, no driver): times only (TTFT, TPOT,
-        token intervals), energies NaN. Empty results when token timing is off.
-        """
-        timed = [(b, ids) for b, ids in zip(batches, request_ids) if b.timing is not None]
-        if not timed:
-            return {}, [], {}
-        from llm_dvfs.meter import attribution
-
-        timings = [b.timing for b, _ in timed]
-        ids = [list(i) for _, i in timed]
-        if self.monitor is not None:
-            t0 = min(t.t_start_s for t in timings)
-            t1 = max(t.t_end_s for t in timings)
-            trace = self.monitor.trace(t0 - self.TRACE_MARGIN_S, t1 + self.TRACE_MARGIN_S)
-            idle = self.monitor.idle_power_w
-            att = attribution.attribute(
-                trace, timings, request_ids=ids, cell_id=cell_id, window_s=(t0, t1),
-                batch_counter_energy_j=[b.energy_j_counter for b, _ in timed],
-                idle_power_w=idle if idle is not None and math.isfinite(idle) else None)
-            per = {r["request_id"]: {k: v for k, v in r.items() if k not in ("request_id", "cell_id")}
-                   for r in att.requests}
-            return per, att.tokens.to_dict("records"), att.summary()
-        per: dict[str, dict[str, Any]] = {}
-        tokens: list[dict[str, Any]] = []
-        for t, rids in zip(timings, ids):
-            b = t.bounds_s
-            for j, rid in enumerate(rids):
-                n = int(t.tokens_per_sequence[j])
-                per[rid] = {"ttft_s": t.ttft_s, "latency_s": t.latency_s,
-                            "tpot_s": attribution.request_tpot_s(b, n)}
-                tokens.extend(attribution.request_token_rows(b, n, rid, cell_id))
-        return per, tokens, {"energy_method": "none"}
-
-
-# --------------------------------------------------------------------------------------------
 # the runner
 # --------------------------------------------------------------------------------------------
 @dataclass
@@ -342,7 +190,7 @@ class Runner:
         self.settings = settings
         self.gpu_name = gpu_name
         self.device = str(loaded.device)
-        self._instrument = _Instrument(monitor, self.device, token_timing)
+        self._meter = CallMeter(monitor, self.device, token_timing)
         ctx = self._context_limit()
         self._max_prompt_tokens = ctx - settings.max_new_tokens
         if self._max_prompt_tokens < 1:
@@ -509,7 +357,7 @@ class Runner:
         if warmup:
             self.warmup(raw_prompts, batch_size, warmup, stops)
         kwargs = self.generate_kwargs(stops)
-        pending: list[tuple[_Pending, list[dict[str, Any]]]] = []
+        measured: list[tuple[MeteredCall, list[dict[str, Any]]]] = []
         n_trunc = 0
         for b0 in range(0, len(samples), batch_size):
             batch_no = b0 // batch_size
@@ -519,15 +367,10 @@ class Runner:
             if self.settings.decoding == "sampled":
                 torch.manual_seed(_batch_seed(self.settings.seed, cell_id, batch_no))
             with torch.inference_mode():
-                out, pend = self._instrument.run(lm.model, inputs, kwargs)
+                out, call = self._meter.generate(lm.model, {**inputs, **kwargs}, name="batch")
             prompt_len = int(inputs["input_ids"].shape[1])
             out_lens, reasons = self.finish(out, prompt_len, stops)
-            if pend.timing is not None:
-                # the timer counts to the first EOS only; a row ended by a stop string is
-                # padded after it, and those steps are not its tokens (energy split included)
-                import numpy as np
-                pend.timing = dataclasses.replace(pend.timing,
-                                                  tokens_per_sequence=np.asarray(out_lens, dtype=np.int64))
+            call.set_tokens(out_lens)
             new_ids = out[:, prompt_len:].detach().cpu()
             texts = [lm.tokenizer.decode(new_ids[k, :out_lens[k]], skip_special_tokens=True)
                      for k in range(len(idx))]
@@ -539,68 +382,64 @@ class Runner:
             for row, why in zip(rows, reasons):
                 row["stop_reason"] = why
             res.requests.extend(rows)
-            pending.append((pend, rows))
+            measured.append((call, rows))
             if progress is not None:
                 progress.update(len(idx))
             if on_batch is not None:
                 on_batch(len(idx))
         # finalise the windows (only the last one can still wait for samples), then attribute
-        batches = []
-        for batch_no, (pend, rows) in enumerate(pending):
-            bm = self._instrument.measure(pend)
-            self._fill(rows, bm)
-            batches.append(bm)
-            res.warnings.extend(f"batch {batch_no}: {e}" for e in bm.errors)
-        if batches:
-            res.t_start_s, res.t_end_s = batches[0].t_start_s, batches[-1].t_end_s
-        self._attribute(res, batches, [[r["request_id"] for r in rows] for _, rows in pending], cell_id)
+        for batch_no, (call, rows) in enumerate(measured):
+            self._fill(rows, call)
+            res.warnings.extend(f"batch {batch_no}: {e}" for e in call.errors())
+        if measured:
+            res.t_start_s, res.t_end_s = measured[0][0].t_start_s, measured[-1][0].t_end_s
+        self._attribute(res, [c for c, _ in measured], [[r["request_id"] for r in rows] for _, rows in measured],
+                        cell_id)
         if n_trunc:
             res.warnings.append(f"{n_trunc} prompt(s) truncated on the left to {self._max_prompt_tokens} "
                                 "tokens to fit the context")
         return res
 
     @staticmethod
-    def _fill(rows: list[dict[str, Any]], bm: BatchMeasurement) -> None:
+    def _fill(rows: list[dict[str, Any]], call: MeteredCall) -> None:
         """The batch window's values into its rows; energies shared evenly (the attribution
         replaces them per request when it runs)."""
+        m = call.measurement()
         share = 1.0 / len(rows)
 
         def part(v: Optional[float]) -> float:
             return math.nan if v is None or not math.isfinite(v) else float(v) * share
 
-        energy = part(bm.energy_j)
+        energy = part(m.energy_j)
         for row in rows:
             n_out = row["tokens_out"]
             row.update({
-                "sm_mhz_observed": bm.sm_mhz,
-                "mem_mhz_observed": bm.mem_mhz,
-                "clock_event_reasons": bm.clock_event_reasons,
-                "latency_s": bm.duration_s,
+                "sm_mhz_observed": m.sm_mhz,
+                "mem_mhz_observed": m.mem_mhz,
+                "clock_event_reasons": m.clock_event_reasons if m.devices else None,
+                "latency_s": call.duration_s,
                 "energy_j": energy,
                 "j_per_token": energy / n_out if n_out > 0 and math.isfinite(energy) else math.nan,
-                "avg_power_w": bm.avg_power_w,
-                "active_energy_j": part(bm.active_energy_j),
-                "energy_j_counter": part(bm.energy_j_counter),
-                "energy_method": bm.energy_method,
+                "avg_power_w": m.avg_power_w,
+                "active_energy_j": part(m.active_energy_j),
+                "energy_j_counter": part(m.energy_j_counter),
+                "energy_method": m.energy_method,
             })
 
-    def _attribute(self, res: CellRows, batches: list[BatchMeasurement], batch_ids: list[list[str]],
+    def _attribute(self, res: CellRows, calls: list[MeteredCall], batch_ids: list[list[str]],
                    cell_id: str) -> None:
         """Overwrite the window-share values with the attribution's per-request values."""
         try:
-            per, tokens, summary = self._instrument.attribute(batches, batch_ids, cell_id)
+            per, tokens, summary = self._meter.attribute(calls, batch_ids, cell_id)
         except Exception as e:  # noqa: BLE001 - attribution must never lose the request rows
             msg = f"token attribution failed ({type(e).__name__}: {e}); energy split evenly per batch"
             log.warning("%s: %s", cell_id, msg)
             res.warnings.append(msg)
             return
-        keep = ("ttft_s", "tpot_s", "latency_s", "energy_j", "prefill_energy_j", "decode_energy_j",
-                "j_per_token", "avg_power_w", "energy_method", "energy_j_counter", "idle_power_w",
-                "active_energy_j")
         for row in res.requests:
             p = per.get(row["request_id"])
             if p:
-                row.update({k: v for k, v in p.items() if k in keep})
+                row.update({k: v for k, v in p.items() if k in ATTRIBUTED_COLUMNS})
         res.tokens = tokens
         res.attribution = summary
 
@@ -667,5 +506,5 @@ def bare_generate(loaded: Any, prompts: Sequence[str], batch_size: int,
     return n_tok, time.perf_counter() - t0
 
 
-__all__ = ["GenerationSettings", "Runner", "CellRows", "BatchMeasurement", "DECODING_MODES",
+__all__ = ["GenerationSettings", "Runner", "CellRows", "DECODING_MODES",
            "STOP_REASONS", "score_batch", "bare_generate", "eos_token_ids", "finish_reasons"]
