@@ -185,8 +185,8 @@ FIELD_HELP: dict[str, str] = {
     "cooldown_s": "served traffic: seconds before the last issue excluded as cool-down (default 0)",
     "request_timeout_s": "served traffic: a request not finished after this is failed (default 600)",
     "cb_cache_tokens": "continuous engine: KV cache capacity in tokens (default: what the cell's requests "
-                       "in flight need, see docs/serving.md; transformers' memory-sized default made every "
-                       "step ~5x slower on an H200)",
+                       "in flight need, see docs/serving.md; transformers' own default fills the GPU's free "
+                       "memory)",
     "prefill_weight": "served traffic: weight of a prompt token relative to a decode token when a "
                       "shared engine step's energy is split (default 0.31, measured on an H200 with "
                       "bench/phase_weights.py: docs/attribution.md; re-measure for other GPUs/models)",

@@ -286,10 +286,11 @@ def cache_tokens_for(level: LoadLevel, prompt_tokens: Sequence[int], max_new_tok
     can be in flight at once (``concurrency`` users in a closed loop; every request of an open
     loop or trace) holding its longest prompt plus ``max_new_tokens``, with a margin.
 
-    Why not transformers' default: on a GPU it sizes the cache to free memory (~100 GB on an
-    H200), and with the ``paged|sdpa`` attention (transformers 5.17) every step then clears and
-    reads mask buffers of that size: engine steps of arch:llama-3.2-1b took 50-100 ms
-    (bench/cb_probe.py, bench/cb_profile.py; 66 ms per ``zero_``) instead of a few ms.
+    Why not transformers' default: on a GPU it sizes the cache to the free memory (most of an
+    H200's 141 GB), which a measurement has no use for and which makes start-up slow. On the
+    H200 the step times did not change measurably with the smaller cache (TPOT p50 at 4 users:
+    67 ms sized vs 73 and 98 ms in two runs with the default; bench/cb_probe.py): transformers
+    5.17's engine steps take 50-100 ms there either way (README, *Measured on an H200*).
     """
     n = len(prompt_tokens)
     in_flight = min(n, int(level.value)) if level.kind == "concurrency" else n
