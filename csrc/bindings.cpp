@@ -156,7 +156,7 @@ PYBIND11_MODULE(_core, m) {
   py::class_<PowerSampler>(m, "PowerSampler")
       .def(py::init([](std::vector<unsigned> idx, double buffer_period_s, double poll_period_s,
                        double counter_period_s, size_t capacity, bool poll_clocks,
-                       bool bracket_edges) {
+                       bool bracket_edges, double counter_grid_s) {
              SamplerConfig c;
              c.nvml_indices = std::move(idx);
              c.buffer_period_s = buffer_period_s;
@@ -165,12 +165,13 @@ PYBIND11_MODULE(_core, m) {
              c.capacity = capacity;
              c.poll_clocks = poll_clocks;
              c.bracket_edges = bracket_edges;
+             c.counter_grid_s = counter_grid_s;
              return std::make_unique<PowerSampler>(std::move(c));
            }),
            py::arg("nvml_indices"), py::arg("buffer_period_s") = 0.25,
            py::arg("poll_period_s") = 0.05, py::arg("counter_period_s") = 1.0,
            py::arg("capacity") = 1u << 19, py::arg("poll_clocks") = true,
-           py::arg("bracket_edges") = true)
+           py::arg("bracket_edges") = true, py::arg("counter_grid_s") = 0.1)
       .def("start", &PowerSampler::start, py::call_guard<py::gil_scoped_release>())
       .def("stop", &PowerSampler::stop, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("running", &PowerSampler::running)
@@ -237,6 +238,8 @@ PYBIND11_MODULE(_core, m) {
         o["brackets"] = st.brackets;
         o["bracket_reads"] = st.bracket_reads;
         o["brackets_unresolved"] = st.brackets_unresolved;
+        o["brackets_predicted"] = st.brackets_predicted;
+        o["bracket_misses"] = st.bracket_misses;
         o["dropped"] = st.dropped;
         o["pushed"] = st.pushed;
         o["thread_cpu_s"] = st.thread_cpu_s;

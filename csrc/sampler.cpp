@@ -46,6 +46,17 @@ constexpr int64_t kBracketMaxNs = 130000000;
 // to back; a driver answering in microseconds (the emulator) would otherwise make it a busy loop.
 // It bounds the bracket's width, the change instant's uncertainty, from below.
 constexpr int64_t kBracketSpacingNs = 1000000;
+// Grid prediction (SamplerConfig::counter_grid_s). A predicted bracket wakes this long before the
+// predicted change: more than one read (~3 ms; p99 15 ms on H100) plus the wake-up jitter, so
+// the change still falls between two back-to-back reads.
+constexpr int64_t kGridLeadNs = 12000000;
+// A change this close to the predicted grid instant is a hit; one farther is a miss.
+constexpr int64_t kGridToleranceNs = 8000000;
+// Consecutive reads at most this far apart bracket a change tightly enough to learn the grid
+// from (meter/stitch.py uses pairs up to MAX_BRACKET_S = 20 ms).
+constexpr int64_t kGridTightNs = 20000000;
+// Misses in a row after which a device's prediction is off for the sampler's life.
+constexpr int kGridMaxMisses = 2;
 
 unsigned long long shift_us(unsigned long long us, int64_t by_ns) {
   const int64_t v = static_cast<int64_t>(us) + by_ns / 1000;
@@ -166,6 +177,8 @@ SamplerStats PowerSampler::stats() const {
   s.brackets = brackets_.load(std::memory_order_relaxed);
   s.bracket_reads = bracket_reads_.load(std::memory_order_relaxed);
   s.brackets_unresolved = brackets_unresolved_.load(std::memory_order_relaxed);
+  s.brackets_predicted = brackets_predicted_.load(std::memory_order_relaxed);
+  s.bracket_misses = bracket_misses_.load(std::memory_order_relaxed);
   s.dropped = ring_.dropped();
   s.pushed = ring_.pushed();
   s.thread_cpu_s = thread_cpu_ns_.load(std::memory_order_relaxed) * 1e-9;
@@ -359,6 +372,45 @@ void PowerSampler::poll() {
   polls_.fetch_add(1, std::memory_order_relaxed);
 }
 
+void PowerSampler::predict(DeviceState& d, int64_t now_ns) {
+  const int64_t period = secs_to_ns(cfg_.counter_grid_s);
+  if (period <= 0 || d.grid_off || d.grid_ns == 0) return;
+  const int64_t k = (now_ns - d.grid_ns) / period + 1;  // the first grid instant after now
+  const int64_t wake = d.grid_ns + k * period - kGridLeadNs;
+  if (wake <= now_ns + kBracketSpacingNs) return;       // due soon: read back to back anyway
+  d.bracket_next_ns = wake;
+  d.bracket_slept = true;
+  brackets_predicted_.fetch_add(1, std::memory_order_relaxed);
+}
+
+bool PowerSampler::learn(DeviceState& d, int64_t before_ns, int64_t after_ns) {
+  const bool slept = d.bracket_slept;
+  d.bracket_slept = false;
+  const int64_t period = secs_to_ns(cfg_.counter_grid_s);
+  if (after_ns - before_ns > kGridTightNs) {
+    // Too wide to place the change. Where the bracket slept, the prediction was late: a miss,
+    // and the bracket reads on. Otherwise (a delayed read) it ends as it always did.
+    if (!slept) return true;
+    bracket_misses_.fetch_add(1, std::memory_order_relaxed);
+    if (++d.grid_misses >= kGridMaxMisses) d.grid_off = true;
+    return false;
+  }
+  const int64_t change = before_ns + (after_ns - before_ns) / 2;
+  if (period > 0 && d.grid_ns != 0 && !d.grid_off) {
+    // Is this change on the grid the last one defined? (A wrong period shows up here.)
+    const int64_t off = (change - d.grid_ns) % period;
+    const int64_t dist = std::min(off, period - off);
+    if (dist > kGridToleranceNs) {
+      bracket_misses_.fetch_add(1, std::memory_order_relaxed);
+      if (++d.grid_misses >= kGridMaxMisses) d.grid_off = true;
+    } else {
+      d.grid_misses = 0;
+    }
+  }
+  d.grid_ns = change;  // re-anchored at every tight change: no drift accumulates
+  return true;
+}
+
 void PowerSampler::read_counters(bool all, bool start) {
   const NvmlApi& api = nvml_->api();
   const int64_t pass = monotonic_ns();
@@ -379,17 +431,30 @@ void PowerSampler::read_counters(bool all, bool start) {
     if (start && !d.bracket_on && d.have_counter) {
       d.bracket_on = true;
       d.bracket_base = false;
+      d.bracket_slept = false;
       brackets_.fetch_add(1, std::memory_order_relaxed);
     }
     if (d.bracket_on) {
       bracket_reads_.fetch_add(1, std::memory_order_relaxed);
+      d.bracket_next_ns = pass + kBracketSpacingNs;  // back to back unless predicted below
       if (r == NVML_SUCCESS) {
+        const int64_t mid = a + (b - a) / 2;
         if (!d.bracket_base) {
           d.bracket_base = true;
           d.bracket_mj = mj;
+          predict(d, mid);
         } else if (mj != d.bracket_mj) {
-          d.bracket_on = false;  // the reads before and this one bracket the change
+          if (!learn(d, d.bracket_prev_ns, mid)) {
+            // The predicted change came during the sleep: this pair is too wide to use. Read on
+            // back to back to the next change (what an unpredicted bracket does), so a miss
+            // costs reads and time, never the edge's accuracy.
+            d.bracket_mj = mj;
+            bracket_deadline_ns_ = std::max(bracket_deadline_ns_, pass + kBracketMaxNs);
+          } else {
+            d.bracket_on = false;  // the reads before and this one bracket the change
+          }
         }
+        d.bracket_prev_ns = mid;
       }
       if (!d.have_counter) d.bracket_on = false;
     }
@@ -406,6 +471,12 @@ void PowerSampler::read_counters(bool all, bool start) {
   if (!any) bracket_deadline_ns_ = 0;
   bracketing_ = any;
   next_bracket_ns_ = pass + kBracketSpacingNs;
+  if (any) {  // the earliest device due: every bracketing device is read in that pass
+    int64_t next = INT64_MAX;
+    for (const DeviceState& d : devs_)
+      if (d.bracket_on) next = std::min(next, d.bracket_next_ns);
+    next_bracket_ns_ = next;
+  }
   counter_reads_.fetch_add(1, std::memory_order_relaxed);
 }
 

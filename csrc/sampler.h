@@ -61,6 +61,11 @@ struct SamplerConfig {
   size_t capacity = 1u << 19;     // records; ~1.4 h at the default rates of one GPU
   bool poll_clocks = true;
   bool bracket_edges = true;      // a window-edge request reads until the counter changes
+  // The counter's update period where it changes on a fixed grid (100.002 ms measured on H100
+  // and H200): a bracket then sleeps until just before the predicted change instead of reading
+  // back to back through the period. 0 = no prediction. A wrong period is detected (misses) and
+  // prediction turned off for that device; a miss costs reads, never the bracket's width.
+  double counter_grid_s = 0.1;
 };
 
 struct SamplerStats {
@@ -69,7 +74,10 @@ struct SamplerStats {
   // brackets: per device, brackets started; bracket_reads: counter reads made for them;
   // brackets_unresolved: brackets that ended at kBracketMaxNs without seeing a change.
   uint64_t loops = 0, drains = 0, polls = 0, counter_reads = 0, buffer_samples = 0, errors = 0;
+  // brackets_predicted: brackets that slept to a predicted change; bracket_misses: predictions
+  // the counter did not follow (the change came during the sleep, or off the grid).
   uint64_t brackets = 0, bracket_reads = 0, brackets_unresolved = 0;
+  uint64_t brackets_predicted = 0, bracket_misses = 0;
   uint64_t dropped = 0, pushed = 0;
   double thread_cpu_s = 0.0;
 };
@@ -121,6 +129,13 @@ class PowerSampler {
     // Bracket in progress (sampler thread only): read until the value leaves bracket_mj.
     bool bracket_on = false, bracket_base = false;  // base: bracket_mj holds a first value
     unsigned long long bracket_mj = 0;
+    int64_t bracket_prev_ns = 0;  // midpoint of the bracket's previous read
+    int64_t bracket_next_ns = 0;  // earliest start of this device's next bracket read
+    bool bracket_slept = false;   // the bracket is waiting for a predicted change
+    // The counter's change grid (sampler thread only): the last tight change instant seen.
+    int64_t grid_ns = 0;          // 0 = none yet
+    int grid_misses = 0;          // consecutive; prediction is off for good at kGridMaxMisses
+    bool grid_off = false;
   };
 
   void run();
@@ -130,6 +145,11 @@ class PowerSampler {
   // Reads the counter of every device (all), or of the devices with a bracket in progress;
   // start: a window-edge request, which starts a bracket on every device read.
   void read_counters(bool all = true, bool start = false);
+  // Grid prediction (sampler thread only): predict() schedules a bracket's next read just
+  // before the predicted change; learn() takes a bracketed change into the grid and returns
+  // false where the pair is too wide after a predicted sleep (the bracket then reads on).
+  void predict(DeviceState& d, int64_t now_ns);
+  bool learn(DeviceState& d, int64_t before_ns, int64_t after_ns);
   void push(RecordKind k, unsigned dev, int64_t t_ns, double value, uint64_t extra = 0,
             uint16_t aux = 0);
   // Records lane's result: true when it changed from an error to working (re-record values).
@@ -161,7 +181,8 @@ class PowerSampler {
 
   // Stats written by the sampler thread, read by anyone (relaxed: monotonic counters).
   std::atomic<uint64_t> loops_{0}, drains_{0}, polls_{0}, counter_reads_{0}, buffer_samples_{0},
-      errors_{0}, brackets_{0}, bracket_reads_{0}, brackets_unresolved_{0};
+      errors_{0}, brackets_{0}, bracket_reads_{0}, brackets_unresolved_{0},
+      brackets_predicted_{0}, bracket_misses_{0};
   std::atomic<int64_t> thread_cpu_ns_{0};
 };
 

@@ -234,3 +234,69 @@ def test_brackets_are_rate_limited_by_default(fake_gpu):
     assert bracketed[0] and 2 <= sum(bracketed) <= 3 and len(wins) > 20
     assert n_brackets == sum(bracketed)
     assert all(w.measurement().ok for w in wins)
+
+
+def _bracket_run(s, n: int, gap_s: float = 0.23):
+    """n window-edge requests at varying phases of the counter grid; (stats delta, edges, reads)."""
+    s.start()
+    try:
+        time.sleep(0.2)
+        a = s.stats()
+        edges = []
+        for k in range(n):
+            time.sleep(gap_s + 0.013 * (k % 7))
+            edges.append(_core.monotonic_ns() * 1e-9)
+            s.request_counter()
+        time.sleep(0.3)
+        b = s.stats()
+        assert s.flush(1.0)
+    finally:
+        s.stop()
+    t, v = _counter_reads(s.drain())
+    return {k: b[k] - a[k] for k in b}, edges, t, v
+
+
+def _tight_changes(t, v, edges):
+    """Per edge: the narrowest pair of consecutive reads that brackets a change within 0.25 s
+    after it (what meter/stitch.find_bracket looks for), inf if none."""
+    out = []
+    for e in edges:
+        sel = (t >= e) & (t <= e + 0.25)
+        tt, vv = t[sel], v[sel]
+        ch = np.flatnonzero(np.diff(vv) != 0)
+        out.append(float(np.min(tt[ch + 1] - tt[ch])) if len(ch) else np.inf)
+    return np.asarray(out)
+
+
+@pytest.mark.fake_gpu(counter_period_ms=100)
+def test_brackets_sleep_to_the_predicted_counter_change(fake_gpu):
+    """On a 100 ms grid a bracket reads once, sleeps to just before the predicted change and
+    reads a few times around it; without prediction it reads back to back (1 ms apart here)."""
+    fake_gpu.set_power_w(400.0)
+    runs = {}
+    for grid in (0.1, 0.0):
+        d, edges, t, v = _bracket_run(_core.PowerSampler([0], counter_grid_s=grid), 12)
+        w = _tight_changes(t, v, edges)
+        assert d["brackets"] == 12 and d["brackets_unresolved"] == 0, d
+        assert (w < 0.02).all(), w  # every edge's change bracketed tightly, either way
+        runs[grid] = d
+    p, u = runs[0.1], runs[0.0]
+    assert u["brackets_predicted"] == 0
+    # edges landing within the lead (12 ms) of a change read back to back at once (~1 in 8)
+    assert p["brackets_predicted"] >= 7 and p["bracket_misses"] == 0, p
+    # reads per bracket: ~base + (lead 12 ms) / 1 ms vs ~50 (half a period at 1 ms spacing)
+    assert p["bracket_reads"] / 12 < 20, p
+    assert u["bracket_reads"] / 12 > 2 * p["bracket_reads"] / 12, (u, p)
+
+
+@pytest.mark.fake_gpu(counter_period_ms=70)
+def test_a_wrong_counter_grid_is_detected_and_prediction_turned_off(fake_gpu):
+    """A counter on a 70 ms grid, predicted as 100 ms: misses are counted, prediction stops after
+    two, and every edge still gets a tight bracket (a miss reads on to the next change)."""
+    fake_gpu.set_power_w(400.0)
+    d, edges, t, v = _bracket_run(_core.PowerSampler([0], counter_grid_s=0.1), 12)
+    w = _tight_changes(t, v, edges)
+    assert d["brackets"] == 12 and d["brackets_unresolved"] == 0, d
+    assert 1 <= d["bracket_misses"] <= 4, d
+    assert d["brackets_predicted"] <= 4, d
+    assert (w < 0.02).all(), w
