@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import socket
 import sys
 import time
 import warnings
@@ -171,7 +172,11 @@ def execute(plan: Plan, *, argv: Optional[Sequence[str]] = None, quiet: bool = F
         with _logs_through_tqdm():
             progress = _Progress(sum(len(plan.task_entry(c.task).samples) for c in pending), quiet)
             try:
-                cells_run = _run_cells(plan, rd, manifest, pending, progress)
+                if plan.workers:  # --gpus N,M,... / --ray: the scheduler of sweep/parallel.py
+                    from llm_dvfs.sweep.parallel import run_parallel
+                    cells_run = run_parallel(plan, rd, manifest, pending, progress)
+                else:
+                    cells_run = _run_cells(plan, rd, manifest, pending, progress)
             finally:
                 progress.close()
         status = "complete"
@@ -212,16 +217,34 @@ def _attach_file_log(path: Path) -> Optional[logging.Handler]:
 @dataclass
 class _CellContext:
     """What the cells of one model share while they run: the plan, the run directory and its
-    manifest, the loaded model's runner, the power monitor, the clock controller and the bars."""
+    manifest, the loaded model's runner, the power monitor, the clock controller and the bars.
+
+    A worker of a parallel sweep (sweep/worker.py) has no run directory (``rd`` None): it only
+    measures, into its own ``manifest`` scratch dict, and the driver records what it returns."""
 
     plan: Plan
-    rd: RunDir
+    rd: Optional[RunDir]
     manifest: dict[str, Any]
     progress: _Progress
     mon: Any = None                          # PowerMonitor, or None without a GPU
     ctl: Optional[ClockController] = None    # only in sweep mode
     runner: Any = None                       # the current model's Runner
     loaded: Any = None                       # the current model (LoadedModel)
+
+    def save_manifest(self) -> None:
+        if self.rd is not None:
+            self.rd.write_manifest(self.manifest)
+
+
+@dataclass
+class CellOutput:
+    """What measuring one cell gives (:func:`measure_cell`), before anything is written: its
+    tables, its marker info and the notes for the manifest. A worker returns it to the driver,
+    which alone records it (:func:`record_cell`), once."""
+
+    tables: dict[str, pd.DataFrame]
+    info: dict[str, Any]
+    notes: list[str]
 
 
 def _run_cells(plan: Plan, rd: RunDir, manifest: dict[str, Any], pending: list[Cell], progress: _Progress) -> int:
@@ -274,7 +297,7 @@ def _load(ctx: _CellContext, model: str) -> tuple[Any, Any]:
     from llm_dvfs.workload.models import load_model
     from llm_dvfs.workload.runner import GenerationSettings, Runner
 
-    plan, manifest, rd = ctx.plan, ctx.manifest, ctx.rd
+    plan, manifest = ctx.plan, ctx.manifest
     cfg = plan.config
     if plan.engine == "endpoint":  # the server holds the model (its identity: manifest["endpoint"])
         return None, None
@@ -285,7 +308,7 @@ def _load(ctx: _CellContext, model: str) -> tuple[Any, Any]:
     log.info("loaded %s: %.3g M parameters, %s, in %.1f s%s", model, loaded.n_params / 1e6, loaded.dtype,
              time.monotonic() - t0, f", revision {loaded.revision}" if loaded.revision else "")
     manifest.setdefault("models", {})[model] = loaded.describe()
-    rd.write_manifest(manifest)
+    ctx.save_manifest()
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, fixed_output_length=cfg.fixed_output_length,
                                   decoding=cfg.decoding, temperature=cfg.temperature, top_p=cfg.top_p,
                                   seed=cfg.seed, stop_sequences=cfg.stop_sequences,
@@ -296,15 +319,32 @@ def _load(ctx: _CellContext, model: str) -> tuple[Any, Any]:
 
 def _clock_point(ctx: _CellContext, cp: ClockPoint, todo: list[Cell], feats: dict[str, pd.DataFrame],
                  lock: Any) -> int:
-    plan, rd, manifest, mon = ctx.plan, ctx.rd, ctx.manifest, ctx.mon
+    info, idle_w = enter_clock_point(ctx, cp, todo[0], lock)
+    n = 0
+    for cell in todo:
+        entry = ctx.plan.task_entry(cell.task)
+        task_features(ctx, cell, entry, feats)
+        _run_cell(ctx, cell, entry, feats[cell.task], idle_w)
+        n += 1
+    info["finished_at"] = now_iso()
+    ctx.save_manifest()
+    return n
+
+
+def enter_clock_point(ctx: _CellContext, cp: ClockPoint, first_cell: Cell, lock: Any) -> tuple[dict[str, Any], float]:
+    """After ``cp`` was set (``lock``: the controller's LockResult, None when nothing was
+    changed): the warm-up on ``first_cell``'s task, the settle check and the idle baseline.
+    Appends the clock point's record to ``manifest["clock_point_runs"]`` and returns it with the
+    idle power (W, NaN when not measured)."""
+    plan, manifest, mon = ctx.plan, ctx.manifest, ctx.mon
     cfg = plan.config
     # other processes may have started since the plan was made
     notes: list[str] = []
     check_busy(plan.gpu, cfg.on_busy_gpu, notes)
     # warm-up + settle check: the first task's prompts at the first batch size
-    first = plan.task_entry(todo[0].task)
+    first = plan.task_entry(first_cell.task)
     prompts = [s.prompt for s in first.samples]
-    info: dict[str, Any] = {"model": todo[0].model, "clock": cp.label, **cp.requested_row(),
+    info: dict[str, Any] = {"model": first_cell.model, "clock": cp.label, **cp.requested_row(),
                             "started_at": now_iso(), "notes": notes}
     if lock is not None:
         info["lock"] = {"settled": bool(lock.settled), "waited_s": lock.waited_s,
@@ -312,8 +352,8 @@ def _clock_point(ctx: _CellContext, cp: ClockPoint, todo: list[Cell], feats: dic
                         "reasons": list(lock.reasons), "mem_method": lock.mem_method}
     w = mon.begin_window("warmup") if mon is not None else None
     n_warm = max(cfg.warmup, 1 if lock is not None else 0)
-    warm_s = (ctx.runner.warmup(prompts, todo[0].batch_size or 1, n_warm, ctx.runner.stop_strings(first.task))
-              if ctx.runner is not None else served.warmup_endpoint(cfg, todo[0].model, first, n_warm))
+    warm_s = (ctx.runner.warmup(prompts, first_cell.batch_size or 1, n_warm, ctx.runner.stop_strings(first.task))
+              if ctx.runner is not None else served.warmup_endpoint(cfg, first_cell.model, first, n_warm))
     settle: dict[str, Any] = {"warmup_s": warm_s}
     if w is not None:
         w.end()
@@ -345,24 +385,22 @@ def _clock_point(ctx: _CellContext, cp: ClockPoint, todo: list[Cell], feats: dic
         log.info("%s: idle baseline %.1f W over %.1f s", cp.label, idle_w, cfg.idle_s)
     info["idle_power_w"] = idle_w
     manifest.setdefault("clock_point_runs", []).append(info)
-    rd.write_manifest(manifest)
+    ctx.save_manifest()
+    return info, idle_w
 
-    n = 0
-    for cell in todo:
-        entry = plan.task_entry(cell.task)
-        if cell.task not in feats:
-            t0 = time.monotonic()
-            feats[cell.task] = _features(entry, ctx.loaded.tokenizer if ctx.loaded is not None else None, cfg.ner)
-            manifest.setdefault("features", {})[f"{cell.model}|{cell.task}"] = {
-                "ner_estimator": feats[cell.task].attrs.get("ner_estimator"),
-                "tokenizer": str(feats[cell.task].attrs.get("tokenizer", "")),
-                "columns": [c for c in feats[cell.task].columns if c.startswith("feat_")],
-                "seconds": round(time.monotonic() - t0, 3)}
-        _run_cell(ctx, cell, entry, feats[cell.task], idle_w)
-        n += 1
-    info["finished_at"] = now_iso()
-    rd.write_manifest(manifest)
-    return n
+
+def task_features(ctx: _CellContext, cell: Cell, entry: TaskEntry, feats: dict[str, pd.DataFrame]) -> None:
+    """``feats[cell.task]``: the input features of the cell's task, computed once per model ×
+    task (``feats`` is the current model's cache); recorded in ``manifest["features"]``."""
+    if cell.task in feats:
+        return
+    t0 = time.monotonic()
+    feats[cell.task] = _features(entry, ctx.loaded.tokenizer if ctx.loaded is not None else None, ctx.plan.config.ner)
+    ctx.manifest.setdefault("features", {})[f"{cell.model}|{cell.task}"] = {
+        "ner_estimator": feats[cell.task].attrs.get("ner_estimator"),
+        "tokenizer": str(feats[cell.task].attrs.get("tokenizer", "")),
+        "columns": [c for c in feats[cell.task].columns if c.startswith("feat_")],
+        "seconds": round(time.monotonic() - t0, 3)}
 
 
 def _settle(ctl: Optional[ClockController], nvml_index: int, cp: ClockPoint) -> dict[str, Any]:
@@ -417,19 +455,34 @@ def _run_cell(ctx: _CellContext, cell: Cell, entry: TaskEntry, feats: pd.DataFra
     if cell.engine != "generate":  # served traffic: sweep/served.py
         served.run_cell(ctx, cell, entry, feats, idle_w)
         return
-    plan, rd, manifest, mon, progress = ctx.plan, ctx.rd, ctx.manifest, ctx.mon, ctx.progress
+    assert ctx.rd is not None
+    record_cell(ctx.plan, ctx.rd, ctx.manifest, cell, measure_cell(ctx, cell, entry, feats, idle_w))
+
+
+def measure_cell(ctx: _CellContext, cell: Cell, entry: TaskEntry, feats: pd.DataFrame, idle_w: float) -> CellOutput:
+    """Measure one lock-step cell (``generate`` engine) on the context's model, monitor and
+    clocks; writes nothing. Raises what the runner raises (KeyboardInterrupt included)."""
+    plan, mon, progress = ctx.plan, ctx.mon, ctx.progress
     cfg = plan.config
     t0 = time.monotonic()
     bar = progress.cell(len(entry.samples), f"{cell.model} {cell.task} {cell.clock.label} bs{cell.batch_size}")
     context = {"task": cell.task, **cell.clock.requested_row(), "idle_power_w": idle_w, "engine": "generate"}
+    gpus = plan.measured_gpus
+    # a model over several GPUs: the rows' energy is the sum over them; this window keeps each one's
+    cw = mon.begin_window("cell", sync=False) if mon is not None and len(gpus) > 1 else None
     try:
         rows = ctx.runner.run(entry.task, entry.samples, batch_size=cell.batch_size, cell_id=cell.cell_id,
-                          context=context, features=feats, warmup=cfg.warmup, repeat=cell.repeat,
-                          progress=bar, on_batch=progress.advance)
+                              context=context, features=feats, warmup=cfg.warmup, repeat=cell.repeat,
+                              progress=bar, on_batch=progress.advance)
     finally:
         if bar is not None:
             bar.close()
+        if cw is not None:
+            cw.end()
     requests = to_frame("requests", rows.requests)
+    # where it ran: this host, the measured GPU(s) (a parallel sweep's rows come from many)
+    requests["host"] = socket.gethostname()
+    requests["gpu_uuid"] = ",".join(g.uuid for g in gpus) if gpus else None
     tokens = to_frame("tokens", rows.tokens)
     if mon is not None and math.isfinite(rows.t_start_s):
         tr = mon.trace(rows.t_start_s, rows.t_end_s)
@@ -437,15 +490,30 @@ def _run_cell(ctx: _CellContext, cell: Cell, entry: TaskEntry, feats: pd.DataFra
                                    for t, d, p, s in tr[["t_s", "device", "power_w", "source"]].itertuples(index=False)])
     else:
         power = to_frame("power", [])
+    notes: list[str] = []
     held = _clock_not_held(cell.clock, requests, cfg.settle_tolerance_mhz)
     if held:
         rows.warnings.append(held)
-        manifest["notes"] = list(dict.fromkeys(list(manifest.get("notes", [])) + [f"{cell.cell_id}: {held}"]))
-    for wmsg in rows.warnings:
+        notes.append(f"{cell.cell_id}: {held}")
+    info = {"finished_at": now_iso(), "wall_s": time.monotonic() - t0, "n_requests": len(requests),
+            "warnings": rows.warnings, "attribution": rows.attribution}
+    if cw is not None:
+        m = cw.measurement()
+        info["energy_j_by_gpu"] = {g.uuid: d.energy_j for g, d in zip(gpus, m.devices)}
+        info["energy_j_counter_by_gpu"] = {g.uuid: d.energy_j_counter for g, d in zip(gpus, m.devices)}
+        info["energy_j"] = m.energy_j
+    return CellOutput({"requests": requests, "tokens": tokens, "power": power}, info, notes)
+
+
+def record_cell(plan: Plan, rd: RunDir, manifest: dict[str, Any], cell: Cell, out: CellOutput,
+                where: str = "") -> None:
+    """Write a measured cell into the run directory (its part files, then its marker), rebuild
+    the run tables and count it in the manifest. Only the process that owns the run directory
+    calls this (the single-GPU loop, or the parallel driver): a cell is recorded once."""
+    manifest["notes"] = list(dict.fromkeys(list(manifest.get("notes", [])) + out.notes))
+    for wmsg in out.info.get("warnings", []):
         log.warning("%s: %s", cell.cell_id, wmsg)
-    rd.write_cell(cell, {"requests": requests, "tokens": tokens, "power": power},
-                  {"finished_at": now_iso(), "wall_s": time.monotonic() - t0, "n_requests": len(requests),
-                   "warnings": rows.warnings, "attribution": rows.attribution})
+    rd.write_cell(cell, out.tables, out.info)
     # requests after every cell; the large tables at most every CONSOLIDATE_LARGE_S (and at the
     # end): until then they are complete in cells/, which is what a resume reads
     big = time.monotonic() - rd.last_full_consolidation >= CONSOLIDATE_LARGE_S
@@ -454,10 +522,12 @@ def _run_cell(ctx: _CellContext, cell: Cell, entry: TaskEntry, feats: pd.DataFra
         rd.last_full_consolidation = time.monotonic()
     manifest["cells_done"] = manifest.get("cells_done", 0) + 1
     rd.write_manifest(manifest)
+    requests = out.tables["requests"]
     e = requests["energy_j"].dropna()  # null = not measured (no GPU)
-    log.info("cell %d/%d done: %s (%d requests, %s, %.1f s)", cell.index + 1, len(plan.cells), cell.cell_id,
-             len(requests), f"median energy {float(e.median()):.3g} J" if len(e) else "no energy",
-             time.monotonic() - t0)
+    log.info("cell %d/%d done%s: %s (%d requests, %s, %.1f s)", cell.index + 1, len(plan.cells), where,
+             cell.cell_id, len(requests), f"median energy {float(e.median()):.3g} J" if len(e) else "no energy",
+             out.info.get("wall_s", math.nan))
 
 
-__all__ = ["SweepResult", "execute", "CONSOLIDATE_LARGE_S"]
+__all__ = ["SweepResult", "CellOutput", "execute", "measure_cell", "record_cell", "enter_clock_point",
+           "task_features", "CONSOLIDATE_LARGE_S"]
