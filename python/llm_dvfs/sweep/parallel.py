@@ -29,7 +29,6 @@ restore every GPU) and is re-raised; finished cells are on disk and ``--resume``
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import time
 from dataclasses import dataclass, field
@@ -302,7 +301,7 @@ def _handle(ev: tuple[Any, ...], plan: Plan, rd: RunDir, manifest: dict[str, Any
                 x["lost_at"], x["lost"] = now_iso(), ev[2]
         return 0
     if kind == "failed":
-        index, text = ev[2], ev[3]
+        index, text = (ev[2] if ev[2] >= 0 else w.cell), ev[3]
         w.cell = None
         raise errors.LlmDvfsError(f"cell {plan.cells[index].cell_id} failed on {w.label}: {text}")
     # done

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -544,7 +545,7 @@ def _workers(cfg: SweepConfig, gpus: list[Any], engine: str, notes: list[str]) -
     k = cfg.gpus_per_model
     if cfg.ray is not None:
         try:
-            import ray  # noqa: F401
+            importlib.import_module("ray")
         except ImportError:
             raise ConfigError("--ray needs Ray, which is not installed: pip install 'llm_dvfs[ray]'") from None
     if cfg.ray is None and (cfg.gpus is None or (k == 1 and len(_pick_gpus(cfg, gpus)) == 1)):
