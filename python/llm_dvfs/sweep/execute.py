@@ -499,8 +499,9 @@ def measure_cell(ctx: _CellContext, cell: Cell, entry: TaskEntry, feats: pd.Data
             "warnings": rows.warnings, "attribution": rows.attribution}
     if cw is not None:
         m = cw.measurement()
-        info["energy_j_by_gpu"] = {g.uuid: d.energy_j for g, d in zip(gpus, m.devices)}
-        info["energy_j_counter_by_gpu"] = {g.uuid: d.energy_j_counter for g, d in zip(gpus, m.devices)}
+        by = {g.uuid: m.devices.get(g.index) for g in gpus}  # the monitor's devices: these GPUs' indices
+        info["energy_j_by_gpu"] = {u: d.energy_j if d is not None else None for u, d in by.items()}
+        info["energy_j_counter_by_gpu"] = {u: d.energy_j_counter if d is not None else None for u, d in by.items()}
         info["energy_j"] = m.energy_j
     return CellOutput({"requests": requests, "tokens": tokens, "power": power}, info, notes)
 
