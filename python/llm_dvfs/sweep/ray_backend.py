@@ -129,7 +129,7 @@ class RayBackend:
             try:
                 res = self.ray.get(ref)
             except RayActorError as e:  # the actor's process or node is gone (or never started)
-                out.append(("dead" if what == "done" else "error", wid, f"{type(e).__name__}: {str(e)[:500]}"))
+                out.append(("dead" if what == "done" else "error", wid, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"))
                 continue
             except RayTaskError as e:  # the cell raised in the actor (-1: the scheduler knows which)
                 out.append(("failed", wid, -1, str(e)) if what == "done" else ("error", wid, str(e)))
