@@ -14,7 +14,7 @@ The scheduler
   holds, then of its model (a model is loaded once per worker and kept while it has cells of it),
   and only cells of the worker's GPU model (a sweep over several GPU models);
 * records each cell once: the driver alone writes a cell's part files, from the tables a worker
-  returns (:func:`~llm_dvfs.sweep.execute.record_cell`); a result for a cell already recorded is
+  returns (:func:`~llm_dvfs.sweep.cells.record_cell`); a result for a cell already recorded is
   dropped with a warning;
 * re-queues the cell of a worker that died (SIGKILL, a lost node) for the others; the dead
   worker's clocks are restored by its own watchdog. With no worker left the run fails
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
 from llm_dvfs import errors
-from llm_dvfs.sweep.execute import _Progress, record_cell
+from llm_dvfs.sweep.cells import Progress, record_cell
 from llm_dvfs.sweep.plan import Cell, Plan
 from llm_dvfs.sweep.rundir import RunDir, now_iso
 
@@ -211,7 +211,7 @@ def _utilisation(workers: dict[int, _WorkerState], t0: float) -> None:
                  "" if w.alive else ", lost")
 
 
-def run_parallel(plan: Plan, rd: RunDir, manifest: dict[str, Any], pending: list[Cell], progress: _Progress) -> int:
+def run_parallel(plan: Plan, rd: RunDir, manifest: dict[str, Any], pending: list[Cell], progress: Progress) -> int:
     """Run ``pending`` on the plan's workers (module docstring); returns the cells run here.
 
     Raises:
@@ -273,7 +273,7 @@ def run_parallel(plan: Plan, rd: RunDir, manifest: dict[str, Any], pending: list
 
 
 def _handle(ev: tuple[Any, ...], plan: Plan, rd: RunDir, manifest: dict[str, Any], workers: dict[int, _WorkerState],
-            queue: list[Cell], recorded: set[int], n_req: dict[int, int], progress: _Progress) -> int:
+            queue: list[Cell], recorded: set[int], n_req: dict[int, int], progress: Progress) -> int:
     """Apply one backend event; returns the requests it finished (for the ETA)."""
     kind, wid = ev[0], ev[1]
     w = workers[wid]

@@ -11,8 +11,8 @@ The scheduler (:mod:`llm_dvfs.sweep.parallel`) starts one worker per GPU (per gr
   worker ends in any way (SIGKILL included): a lost worker never leaves its GPU locked;
 * loads a model once and keeps it while it gets cells of that model, and holds a clock point's
   lock (warm-up, settle check and idle baseline done once) while it gets cells of that point;
-* measures a cell with :func:`llm_dvfs.sweep.execute.measure_cell`, the code of the single-GPU
-  path, and returns the :class:`~llm_dvfs.sweep.execute.CellOutput` with what it adds to the
+* measures a cell with :func:`llm_dvfs.sweep.cells.measure_cell`, the code of the single-GPU
+  path, and returns the :class:`~llm_dvfs.sweep.cells.CellOutput` with what it adds to the
   manifest and its log records. It writes nothing into the run directory: the driver records
   each cell once, from what a worker returns.
 
@@ -74,7 +74,7 @@ class CellWorker:
         from llm_dvfs.control.clocks import ClockController
         from llm_dvfs.devices import devices
         from llm_dvfs.meter.monitor import PowerMonitor
-        from llm_dvfs.sweep import execute as ex
+        from llm_dvfs.sweep import cells as ex
 
         self._ex = ex
         self.worker_id = worker_id
@@ -95,7 +95,7 @@ class CellWorker:
             cfg = dataclasses.replace(cfg, model_args={**cfg.model_args, "device_map": "balanced"})
         self.plan = dataclasses.replace(plan, config=cfg, device=device, gpu=mine[0] if mine else None,
                                         gpus=list(devs), gpu_group=list(mine) if k > 1 else [], workers=[])
-        self.ctx = ex._CellContext(self.plan, None, {}, ex._Progress(0, quiet=True))
+        self.ctx = ex.CellContext(self.plan, None, {}, ex.Progress(0, quiet=True))
         self._stack = contextlib.ExitStack()   # the current clock point's lock(s)
         self.ctls: list[Any] = []
         if mine:
@@ -133,9 +133,9 @@ class CellWorker:
         if cell.model != self.model:
             self._leave_clock_point()
             ctx.loaded = ctx.runner = None
-            ex._free_memory(plan.device)
+            ex.free_memory(plan.device)
             self.model, self.feats = None, {}
-            ctx.loaded, ctx.runner = ex._load(ctx, cell.model)
+            ctx.loaded, ctx.runner = ex.load_for_cells(ctx, cell.model)
             self.model = cell.model
         if cell.clock != self.clock:
             self._leave_clock_point()
