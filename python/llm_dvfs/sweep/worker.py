@@ -74,7 +74,7 @@ class CellWorker:
         from llm_dvfs.control.clocks import ClockController
         from llm_dvfs.devices import devices
         from llm_dvfs.meter.monitor import PowerMonitor
-        from llm_dvfs.sweep import cells as ex
+        import llm_dvfs.sweep.cells as ex
 
         self._ex = ex
         self.worker_id = worker_id
