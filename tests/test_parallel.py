@@ -206,8 +206,11 @@ def test_driver_killed_then_resume_completes_the_run(fake_gpu, tmp_path):
 def test_ctrl_c_stops_the_workers_and_restores_every_gpu(fake_gpu, tmp_path):
     assert_emulated_nvml()
     out = tmp_path / "run"
+    # SIGINT at its default in the driver, also when this test runs with SIGINT ignored (a
+    # background job): Python then installs its KeyboardInterrupt handler, as in a terminal
     proc = subprocess.Popen([sys.executable, "-m", "llm_dvfs.run", *LONGER, "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait(lambda: len(list((out / "cells").glob("*.json"))) >= 1, proc, "a finished cell")
     pids = [w["pid"] for w in _workers(out)]
     proc.send_signal(signal.SIGINT)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
@@ -102,9 +103,14 @@ class LocalBackend:
     def start(self) -> list[int]:
         from llm_dvfs.sweep.worker import pin_env, process_main
 
+        # the CPU shared fairly: N workers each with torch's default of one thread per core
+        # oversubscribe it (spinning threads; a CPU-run cell was 10x slower); as Ray does for
+        # its actors, each worker gets its share unless the user chose OMP_NUM_THREADS
+        threads = {} if "OMP_NUM_THREADS" in os.environ else {
+            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, len(self.plan.workers))))}
         for wid, spec in enumerate(self.plan.workers):
             parent, child = self.ctx.Pipe(duplex=True)
-            env = pin_env([g.uuid for g in spec.gpus])
+            env = {**pin_env([g.uuid for g in spec.gpus]), **threads}
             p = self.ctx.Process(target=process_main, name=f"llm_dvfs-worker-{wid}",
                                  args=(child, self.plan, wid, env, [g.index for g in spec.gpus]), daemon=True)
             p.start()
