@@ -15,7 +15,7 @@ import pytest
 
 from fakes.fake_gpu import GRAPHICS_CLOCKS_MHZ, model_power_w
 from llm_dvfs import sweep
-from llm_dvfs.sweep.execute import _clock_not_held
+from llm_dvfs.sweep.cells import _clock_not_held
 from llm_dvfs.errors import ConfigError
 from llm_dvfs.run import main
 

@@ -48,6 +48,9 @@ examples:
       an OpenAI-compatible server measured from outside (energy split by token timestamps)
   python -m llm_dvfs.run --resume runs/dvfs --allow-clock-changes
       continue an interrupted run: finished cells are kept, the rest is run
+  python -m llm_dvfs.run --models arch:llama-3.2-1b --clocks 1980,1200 --allow-clock-changes --gpus all
+      the same sweep, cells spread over every GPU (one worker each); --ray local or --ray auto
+      schedules them as Ray actors (pip install 'llm_dvfs[ray]'), on every node of a cluster
   python -m llm_dvfs.run --dry-run --config sweep.toml  validate and show the plan only
 
 config file (TOML; YAML and JSON work the same, a [sweep] table is optional):
@@ -113,6 +116,11 @@ _SERVED_FLAGS = [
     ("--prefill-weight", "prefill_weight", "W"),
     ("--cb-cache-tokens", "cb_cache_tokens", "N"),
 ]
+# parallel sweeps (issue 16: llm_dvfs.sweep.parallel); --ray is added apart (its ADDRESS is optional)
+_PARALLEL_FLAGS = [
+    ("--gpus", "gpus", "N[,N...]|all"),
+    ("--gpus-per-model", "gpus_per_model", "N"),
+]
 # on/off settings: each also has its --no- form (argparse.BooleanOptionalAction), so a value
 # from --config can be turned off on the command line; None = not given (the file decides)
 _SWITCH_FLAGS = [
@@ -122,7 +130,7 @@ _SWITCH_FLAGS = [
     ("--allow-clock-changes", "allow_clock_changes"),
 ]
 #: Flags that may accompany the embedded default (they do not describe the grid).
-_EMBEDDED_OK = {"out", "device", "gpu", "on_busy_gpu", "allow_clock_changes"}
+_EMBEDDED_OK = {"out", "device", "gpu", "on_busy_gpu", "allow_clock_changes", "gpus", "gpus_per_model", "ray"}
 _ALIASES = {"models": ["--model", "-m"], "tasks": ["--task", "-t"], "out": ["-o"],
             "batch_sizes": ["--batch-size"], "samples": ["--limit"]}  # --limit: lm-eval's name
 
@@ -154,6 +162,13 @@ def build_parser(prog: str = "python -m llm_dvfs.run") -> argparse.ArgumentParse
         "replace batch sizes as an axis of the grid.")
     for flag, key, metavar in _SERVED_FLAGS:
         s.add_argument(flag, dest=key, metavar=metavar, default=None, help=FIELD_HELP[key])
+    m = p.add_argument_group(
+        "across GPUs and machines", "cells run in parallel, one worker per GPU (README: \"Running across GPUs and\n"
+        "machines\"); the run directory, the safety and the report stay the same")
+    for flag, key, metavar in _PARALLEL_FLAGS:
+        m.add_argument(flag, dest=key, metavar=metavar, default=None, help=FIELD_HELP[key])
+    m.add_argument("--ray", dest="ray", metavar="ADDRESS", nargs="?", const="auto", default=None,
+                   help=FIELD_HELP["ray"] + " (--ray alone: auto)")
     r = p.add_argument_group("run control")
     r.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (its manifest "
                    "holds the settings; finished cells are kept)")
@@ -191,7 +206,8 @@ def _teardown_logging(h: logging.Handler) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = [k for _, k, _ in _VALUE_FLAGS + _SERVED_FLAGS] + [k for _, k in _SWITCH_FLAGS]
+    keys = ([k for _, k, _ in _VALUE_FLAGS + _SERVED_FLAGS + _PARALLEL_FLAGS] + [k for _, k in _SWITCH_FLAGS]
+            + ["ray"])
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 

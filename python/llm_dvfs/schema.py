@@ -94,6 +94,9 @@ REQUEST_COLUMNS: dict[str, Column] = _cell_table(
       "served and attributed, and left out of the statistics)", "lock-step"),
     C("device", "string", "", "torch device of the model: cuda:N or cpu", "not known (an endpoint's model)"),
     C("gpu_name", "string", "", "name of the measured GPU", "no GPU measured"),
+    C("gpu_uuid", "string", "", "UUID of the measured GPU (a model over several GPUs: their UUIDs, comma-"
+      "separated); a parallel sweep's rows come from many", "no GPU measured, or a run written before parallel sweeps"),
+    C("host", "string", "", "host name of the machine that ran the request", "a run written before parallel sweeps"),
     C("sm_mhz_requested", "float64", "MHz", "requested SM clock", "as found: not changed (observe mode)"),
     C("mem_mhz_requested", "float64", "MHz", "requested memory clock", "as found: not changed"),
     C("power_limit_w_requested", "float64", "W", "requested power limit", "as found: not changed"),

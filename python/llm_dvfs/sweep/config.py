@@ -115,6 +115,10 @@ class SweepConfig:
     request_timeout_s: float = 600.0
     prefill_weight: float = DEFAULT_PREFILL_PER_TOKEN  # measured on the H200 (docs/attribution.md)
     cb_cache_tokens: Optional[int] = None  # None: sized to the cell (sweep/served.cache_tokens_for)
+    # parallel sweeps (issue 16; llm_dvfs.sweep.parallel): None gpus = the one GPU of --gpu
+    gpus: Any = None
+    gpus_per_model: int = 1
+    ray: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -190,6 +194,15 @@ FIELD_HELP: dict[str, str] = {
     "prefill_weight": "served traffic: weight of a prompt token relative to a decode token when a "
                       "shared engine step's energy is split (default 0.31, measured on an H200 with "
                       "bench/phase_weights.py: docs/attribution.md; re-measure for other GPUs/models)",
+    "gpus": "run cells in parallel on these GPUs (CUDA indices), one worker process per GPU: "
+            "0,1,2,3 or all (default: the one GPU of --gpu). A model is loaded once per worker; "
+            "every row names its host and GPU UUID",
+    "gpus_per_model": "GPUs per model (default 1): each worker owns this many GPUs, the model is "
+                      "split over them (device_map balanced; pretrained checkpoints) and its energy "
+                      "is the sum over them",
+    "ray": "schedule the cells as Ray actors (pip install 'llm_dvfs[ray]'): auto (the running "
+           "cluster), local (a cluster of this machine's GPUs) or ray://HOST:PORT; one actor per "
+           "GPU (per --gpus-per-model GPUs) on every node",
 }
 
 _FIELDS = [f.name for f in dataclasses.fields(SweepConfig)]
@@ -429,6 +442,8 @@ def _normalise(key: str, value: Any, source: str) -> Any:
         if v <= 0:
             raise ConfigError(f"{where}: must be > 0")
         return v
+    if key in ("gpus", "gpus_per_model", "ray"):
+        return _parallel_setting(key, value, where)
     if key in ("engine", "endpoint", "endpoint_model", "arrival_trace", "arrival_rate", "concurrency",
                "endpoint_api"):
         return _served_setting(key, value, where)
@@ -467,6 +482,28 @@ def _normalise(key: str, value: Any, source: str) -> Any:
             return s
         return _to_int(value, where, 0)
     raise AssertionError(key)  # pragma: no cover - _FIELDS and _normalise must agree
+
+
+def _parallel_setting(key: str, value: Any, where: str) -> Any:
+    """``gpus`` (None, ``"all"`` or CUDA indices), ``gpus_per_model`` (>= 1) and ``ray`` (None or
+    an address: auto, local, ray://HOST:PORT, HOST:PORT)."""
+    if key == "gpus_per_model":
+        return _to_int(value, where, 1)
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    if key == "ray":
+        s = str(value).strip()
+        if s.lower() in ("auto", "local"):
+            return s.lower()
+        if s.startswith("ray://") or (":" in s and s.rsplit(":", 1)[1].isdigit()):
+            return s
+        raise ConfigError(f"{where}: expected auto, local, ray://HOST:PORT or HOST:PORT, got {value!r}")
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return "all"
+    out = [_to_int(v, where, 0) for v in _split(value)]
+    if not out:
+        raise ConfigError(f"{where}: give GPU indices, e.g. 0,1,2,3, or all")
+    return list(dict.fromkeys(out))
 
 
 def _served_setting(key: str, value: Any, where: str) -> Any:
@@ -512,8 +549,9 @@ def load_config(path: Optional[str | os.PathLike[str]] = None, overrides: Option
 
 
 #: Settings that may be given again when resuming (they do not change the grid; an endpoint that
-#: came back on another port is the same server).
-RESUME_OVERRIDABLE = ("allow_clock_changes", "on_busy_gpu", "endpoint")
+#: came back on another port is the same server; a run may continue on other GPUs of the same
+#: model, or on a cluster).
+RESUME_OVERRIDABLE = ("allow_clock_changes", "on_busy_gpu", "endpoint", "gpus", "ray")
 
 
 def resume_config(run_dir: str | os.PathLike[str], overrides: Optional[Mapping[str, Any]] = None) -> SweepConfig:

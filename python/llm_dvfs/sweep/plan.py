@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -93,17 +94,35 @@ class Cell:
     repeat: int
     engine: str = "generate"
     load: Optional[LoadLevel] = None
+    gpu_model: Optional[str] = None   # set when a parallel sweep's GPUs are of several models
 
     @property
     def cell_id(self) -> str:
+        # the GPU model is part of the identity only in a sweep over several GPU models (so a
+        # resume never mixes them); a run on one GPU model keeps the ids it always had
+        gm = f"|{self.gpu_model}" if self.gpu_model else ""
         if self.load is not None:
-            return f"{self.model}|{self.task}|{self.clock.label}|{self.engine}|{self.load.label}|r{self.repeat}"
-        return f"{self.model}|{self.task}|{self.clock.label}|bs{self.batch_size}|r{self.repeat}"
+            return f"{self.model}|{self.task}|{self.clock.label}|{self.engine}|{self.load.label}|r{self.repeat}{gm}"
+        return f"{self.model}|{self.task}|{self.clock.label}|bs{self.batch_size}|r{self.repeat}{gm}"
 
     @property
     def key(self) -> str:
         """File-name-safe, stable key of the cell (hash of ``cell_id``)."""
         return hashlib.sha1(self.cell_id.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One worker of a parallel sweep (:mod:`llm_dvfs.sweep.parallel`): the GPU(s) it owns, as the
+    driver sees them (:class:`~llm_dvfs.devices.DeviceInfo`; several for ``gpus_per_model`` > 1).
+    A Ray worker's GPUs are only known once it runs (``gpus`` empty, ``gpu_model`` from the plan)."""
+
+    gpus: tuple[Any, ...]
+    gpu_model: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        return ("GPU " + "+".join(str(g.index) for g in self.gpus)) if self.gpus else "a Ray GPU"
 
 
 @dataclass
@@ -135,10 +154,20 @@ class Plan:
     engine: str = "generate"                 # generate | continuous | endpoint
     loads: list[LoadLevel] = field(default_factory=list)   # served engines' load levels
     endpoint: Optional[dict[str, Any]] = None              # the server's identity (endpoint)
+    # parallel sweeps (sweep/parallel.py): one entry per worker; empty = this process alone
+    workers: list[WorkerSpec] = field(default_factory=list)
+    backend: Optional[str] = None                          # local | ray
+    gpu_group: list[Any] = field(default_factory=list)     # a worker's GPUs when it owns several
+    points_by_gpu_model: dict[str, list[ClockPoint]] = field(default_factory=dict)
 
     @property
     def energy_available(self) -> bool:
         return self.gpu is not None
+
+    @property
+    def measured_gpus(self) -> list[Any]:
+        """The GPU(s) this process measures: the worker's group, else the one GPU (or none)."""
+        return list(self.gpu_group) if self.gpu_group else ([self.gpu] if self.gpu is not None else [])
 
     def describe(self) -> str:
         """A few lines for the terminal: what will run."""
@@ -154,9 +183,13 @@ class Plan:
                                          if self.endpoint else "")
              + f"; load levels: {', '.join(l.label for l in self.loads)}") + f"; repeats: {self.config.repeats}",
             f"cells: {len(self.cells)} ({n_req} measured requests)",
-            "energy: " + (f"measured on GPU {self.gpu.index} ({self.gpu.name})" if self.gpu is not None
+            "energy: " + (f"measured on GPU {self.gpu.index} ({self.gpu.name})" if self.gpu is not None and not self.workers
+                          else "measured on each worker's GPU(s)" if self.workers
                           else "unavailable (no NVIDIA driver/GPU: time only)"),
         ]
+        if self.workers:
+            lines.append(f"workers: {len(self.workers)} ({self.backend}): "
+                         + ", ".join(f"{w.label}" + (f" ({w.gpu_model})" if w.gpu_model else "") for w in self.workers))
         return "\n".join(lines)
 
     def task_entry(self, name: str) -> TaskEntry:
@@ -403,6 +436,14 @@ def prepare(cfg: SweepConfig, *, resume: Optional[str | os.PathLike[str]] = None
     elif gpu is not None and not device.startswith("cuda"):
         notes.append(f"the model runs on the CPU but GPU {gpu.index} ({gpu.name}) is measured: its energy "
                      "does not include the CPU's work (use --gpu none to measure time only)")
+    # 2b. parallel sweeps: the workers and their GPUs (--gpus, --gpus-per-model, --ray)
+    workers, backend = _workers(cfg, gpus, engine, notes)
+    if workers and workers[0].gpus:
+        gpu = workers[0].gpus[0]
+    elif cfg.gpus is not None and not workers:  # --gpus with one GPU: today's path, on that GPU
+        gpu = _pick_gpus(cfg, gpus)[0]
+        if device.startswith("cuda"):
+            device = f"cuda:{gpu.index}"
     # 3. models
     endpoint = None
     if engine == "endpoint":  # the server's model; EndpointError (unreachable) -> ConfigError here
@@ -426,8 +467,21 @@ def prepare(cfg: SweepConfig, *, resume: Optional[str | os.PathLike[str]] = None
         was_name = next((g.get("name") for g in stored.get("gpus", []) if g.get("index") == was), None)
         if was_name and gpu is not None and gpu.name != was_name:
             notes.append(f"resumed on {gpu.name}; the run started on {was_name}")
+    gpu_models = list(dict.fromkeys(g.name for w in workers for g in w.gpus[:1]))
+    # (a parallel run's; a single-GPU run resumed on another GPU model gets a note, above)
+    if resume is not None and stored.get("gpu_models") is not None and (stored.get("workers") or workers) and \
+            sorted(stored["gpu_models"]) != sorted(gpu_models or ([gpu.name] if gpu is not None else [])):
+        raise ConfigError(f"the run in {str(out)!r} ran on {', '.join(stored['gpu_models']) or 'no GPU'}; this resume "
+                          f"would run on {', '.join(gpu_models) or (gpu.name if gpu is not None else 'no GPU')}: a "
+                          "cell's GPU model is part of its identity (choose GPUs of the same model(s) with --gpus)")
+    by_model: dict[str, list[ClockPoint]] = {}
     if stored_mode == "observe":
         mode, points = "observe", [ClockPoint()]
+    elif len(gpu_models) > 1:  # heterogeneous GPUs: clock points resolved per GPU model
+        for name in gpu_models:
+            rep = next(g for w in workers for g in w.gpus if g.name == name)
+            mode, by_model[name] = _clock_points(cfg, rep, notes)
+        points = list(dict.fromkeys(p for ps in by_model.values() for p in ps))
     else:
         mode, points = _clock_points(cfg, gpu, notes)
     # 5. tasks and their samples (an empty dataset is an error here, before any GPU work)
@@ -439,21 +493,80 @@ def prepare(cfg: SweepConfig, *, resume: Optional[str | os.PathLike[str]] = None
     check_busy(gpu, cfg.on_busy_gpu, notes)
     # 7. the cells, in execution order
     cells: list[Cell] = []
-    for m in models:
-        for cp in points:
-            for t in tasks:
-                for load in loads:  # served engines: load levels instead of batch sizes
-                    for r in range(cfg.repeats):
-                        cells.append(Cell(len(cells), m, t.name, cp, None, r, engine, load))
-                for bs in (cfg.batch_sizes if not loads else []):
-                    for r in range(cfg.repeats):
-                        cells.append(Cell(len(cells), m, t.name, cp, bs, r))
+    # a sweep over several GPU models runs the grid once per model (a cell's GPU model is part
+    # of its identity: its results are not interchangeable with another model's)
+    for gm, gm_points in (by_model.items() if by_model else [(None, points)]):
+        for m in models:
+            for cp in gm_points:
+                for t in tasks:
+                    for load in loads:  # served engines: load levels instead of batch sizes
+                        for r in range(cfg.repeats):
+                            cells.append(Cell(len(cells), m, t.name, cp, None, r, engine, load, gm))
+                    for bs in (cfg.batch_sizes if not loads else []):
+                        for r in range(cfg.repeats):
+                            cells.append(Cell(len(cells), m, t.name, cp, bs, r, gpu_model=gm))
     ids = [c.cell_id for c in cells]
     if len(set(ids)) != len(ids):  # pragma: no cover - models/batch sizes are de-duplicated
         raise ConfigError("duplicate cells in the grid")
     return Plan(config=cfg, out=out, mode=mode, device=device, gpu=gpu, gpus=gpus, models=list(models),
                 tasks=tasks, clock_points=points, cells=cells, notes=notes, resume=resume is not None,
-                engine=engine, loads=loads, endpoint=endpoint)
+                engine=engine, loads=loads, endpoint=endpoint, workers=workers, backend=backend,
+                points_by_gpu_model=by_model)
+
+
+def _pick_gpus(cfg: SweepConfig, gpus: list[Any]) -> list[Any]:
+    """The GPUs ``cfg.gpus`` names (CUDA indices, or all visible), in that order.
+
+    Raises:
+        ConfigError: an index that is not visible, or no GPU at all.
+    """
+    if cfg.gpus == "all":
+        if not gpus:
+            raise ConfigError("--gpus all: no GPU is visible (no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides them)")
+        return list(gpus)
+    out = []
+    for i in cfg.gpus:
+        g = next((g for g in gpus if g.index == i), None)
+        if g is None:
+            raise ConfigError(f"--gpus: GPU {i} is not visible ({len(gpus)} GPU(s) found: "
+                              f"{', '.join(str(x.index) for x in gpus) or 'none'})")
+        out.append(g)
+    return out
+
+
+def _workers(cfg: SweepConfig, gpus: list[Any], engine: str, notes: list[str]) -> tuple[list[WorkerSpec], Optional[str]]:
+    """The workers of a parallel sweep and its backend (``local`` | ``ray``), or ``([], None)``
+    for a sweep in this process (no ``--gpus`` of more than one worker, no ``--ray``).
+
+    Raises:
+        ConfigError: Ray asked for but not installed (says how to install it), GPUs not
+            visible or not divisible into groups of ``gpus_per_model``, served traffic.
+    """
+    k = cfg.gpus_per_model
+    if cfg.ray is not None:
+        try:
+            importlib.import_module("ray")
+        except ImportError:
+            raise ConfigError("--ray needs Ray, which is not installed: pip install 'llm_dvfs[ray]'") from None
+    if cfg.ray is None and (cfg.gpus is None or (k == 1 and len(_pick_gpus(cfg, gpus)) == 1)):
+        if k > 1:
+            raise ConfigError("--gpus-per-model needs --gpus (e.g. --gpus 0,1 --gpus-per-model 2) or --ray")
+        return [], None
+    if engine != "generate":
+        raise ConfigError(f"--gpus/--ray run lock-step (generate) cells; the {engine} engine runs on one GPU "
+                          "(drop --gpus/--ray, or run one sweep per GPU)")
+    if cfg.ray is not None and cfg.gpus is None:
+        # the cluster's GPUs are known once the actors run; the plan takes this host's as the model
+        return [WorkerSpec((), gpus[0].name if gpus else None)], "ray"
+    picked = _pick_gpus(cfg, gpus)
+    if len(picked) % k:
+        raise ConfigError(f"--gpus-per-model {k}: {len(picked)} GPU(s) do not split into groups of {k}")
+    groups = [tuple(picked[i:i + k]) for i in range(0, len(picked), k)]
+    for grp in groups:
+        if len({g.name for g in grp}) > 1:
+            raise ConfigError(f"--gpus-per-model {k}: a model's GPUs must be of one model, got "
+                              f"{', '.join(f'{g.index} ({g.name})' for g in grp)}")
+    return [WorkerSpec(grp, grp[0].name) for grp in groups], ("ray" if cfg.ray is not None else "local")
 
 
 def _require_nltk() -> None:
@@ -490,6 +603,9 @@ def new_manifest(plan: Plan, argv: Optional[Sequence[str]]) -> dict[str, Any]:
         "nvml_version": gpu.nvml_version if gpu is not None else None,
         "gpus": [g.to_dict() for g in plan.gpus],
         "measured_gpu": gpu.index if gpu is not None else None,
+        "gpu_models": list(dict.fromkeys(g.name for w in plan.workers for g in w.gpus[:1]))
+                      or ([gpu.name] if gpu is not None else []),
+        "workers": [],   # a parallel sweep's: host, GPU UUIDs, pid of each worker (sweep/parallel.py)
         "device": plan.device,
         "energy_available": plan.energy_available,
         "mode": plan.mode,
@@ -523,5 +639,5 @@ def _task_describe(task: Any) -> dict[str, Any]:
         return {"task": getattr(task, "name", str(task))}
 
 
-__all__ = ["GpuBusy", "ClockPoint", "Cell", "TaskEntry", "Plan", "prepare", "resolve_clocks",
+__all__ = ["GpuBusy", "ClockPoint", "Cell", "WorkerSpec", "TaskEntry", "Plan", "prepare", "resolve_clocks",
            "busy_processes", "check_busy", "default_out_dir", "new_manifest"]

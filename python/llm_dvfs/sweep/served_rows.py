@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import socket
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -133,6 +134,7 @@ def cell_tables(ctx: Any, cell: Any, entry: Any, feats: Any, samples: Sequence[A
             "task": cell.task, "sample_id": str(s.sample_id), "repeat": int(cell.repeat),
             "device": str(lm.device) if lm is not None else None,
             "gpu_name": plan.gpu.name if plan.gpu is not None else None,
+            "gpu_uuid": plan.gpu.uuid if plan.gpu is not None else None, "host": socket.gethostname(),
             **cell.clock.requested_row(),
             "sm_mhz_observed": m.sm_mhz if m is not None else None,
             "mem_mhz_observed": m.mem_mhz if m is not None else None,
