@@ -80,6 +80,28 @@ def _workers(run: Path) -> list[dict]:
         return []
 
 
+def kill_a_worker_mid_cell(out: Path, proc: subprocess.Popen, what: str, timeout_s: float = 240.0):
+    """Wait for 4 workers (``what``) and a started cell, SIGKILL that cell's worker, wait for the
+    sweep to finish (exit 0). Returns (the victim's manifest entry, the log's "died during cell"
+    match, whose group 1 is the re-run cell's id)."""
+    try:
+        _wait(lambda: len(_workers(out)) == 4, proc, what, timeout_s=timeout_s)
+        started = re.compile(r"cell (\d+) started on worker (\d) ")
+        _wait(lambda: started.search((out / "run.log").read_text()), proc, "a started cell")
+        m = started.search((out / "run.log").read_text())
+        victim = next(w for w in _workers(out) if w["worker"] == int(m.group(2)))
+        os.kill(victim["pid"], signal.SIGKILL)
+        assert proc.wait(300) == 0, (out / "run.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    log = (out / "run.log").read_text()
+    died = re.search(rf"worker {victim['worker']} \(GPU \d on .*\) died during cell (\S+) .*re-queued", log)
+    assert died, log[-3000:]
+    return victim, died
+
+
 def _check_per_gpu_power(req: pd.DataFrame) -> None:
     """Each row's power is that of the GPU it names, at the clock it requested."""
     for _, r in req.iterrows():
@@ -87,20 +109,28 @@ def _check_per_gpu_power(req: pd.DataFrame) -> None:
         assert r["avg_power_w"] == pytest.approx(model_power_w(BASE_W[i], r["sm_mhz_requested"]), rel=0.03), r["cell_id"]
 
 
-@pytest.mark.changes_clocks
-@pytest.mark.fake_gpu(devices=4)
-def test_four_gpus_give_the_rows_of_one(fake_gpu, tmp_path):
+def rows_of_one_and_many(fake_gpu, tmp_path: Path, backend: list[str], settle_s: float):
+    """The same small clock sweep on GPU 0 alone and with ``backend`` (``--gpus all``, ``--ray
+    local``) on 4 emulated GPUs; checks their deterministic and feature columns are equal and
+    every GPU is restored. Returns (one-GPU rows, parallel rows, parallel manifest)."""
     assert_emulated_nvml()
     _powers(fake_gpu)
     args = [*SMALL, "--clocks", "1980,1500", "--batch-sizes", "1,2", "--allow-clock-changes", "-q"]
     assert main([*args, "--gpus", "0", "--out", str(tmp_path / "one")]) == 0
-    assert main([*args, "--gpus", "all", "--out", str(tmp_path / "four")]) == 0
-    assert _pristine(fake_gpu, 0.0)
+    assert main([*args, *backend, "--out", str(tmp_path / "many")]) == 0
+    assert _pristine(fake_gpu, settle_s)
     one, _ = _read(tmp_path / "one")
-    four, man = _read(tmp_path / "four")
-    assert len(four) == len(one) == 12 and four["request_id"].is_unique
+    many, man = _read(tmp_path / "many")
     cols = DETERMINISTIC + sorted(c for c in one.columns if c.startswith("feat_"))
-    pd.testing.assert_frame_equal(four[cols], one[cols])
+    pd.testing.assert_frame_equal(many[cols], one[cols])
+    return one, many, man
+
+
+@pytest.mark.changes_clocks
+@pytest.mark.fake_gpu(devices=4)
+def test_four_gpus_give_the_rows_of_one(fake_gpu, tmp_path):
+    one, four, man = rows_of_one_and_many(fake_gpu, tmp_path, ["--gpus", "all"], settle_s=0.0)
+    assert len(four) == len(one) == 12 and four["request_id"].is_unique
     # the 1-GPU run ran on GPU 0 alone; the 4-GPU run's rows name the GPU they ran on, whose power they show
     assert set(one["gpu_uuid"]) == {"GPU-fa4e0000-0000-0000-0000-000000000000"}
     _check_per_gpu_power(one)
@@ -114,10 +144,10 @@ def test_four_gpus_give_the_rows_of_one(fake_gpu, tmp_path):
     for run in man["clock_point_runs"]:
         i = _gpu_of(run["gpu_uuid"])
         assert run["idle_power_w"] == pytest.approx(model_power_w(BASE_W[i], run["sm_mhz_requested"]), rel=0.03)
-    log = (tmp_path / "four" / "run.log").read_text()
+    log = (tmp_path / "many" / "run.log").read_text()
     assert re.search(r"worker \d \(GPU \d on .*\) GPU-fa4e\S+: \d cells, busy [\d.]+ s of [\d.]+ s \(\d+ %\)", log)
     assert "ETA" in log
-    pw = pd.read_parquet(tmp_path / "four" / "power.parquet")
+    pw = pd.read_parquet(tmp_path / "many" / "power.parquet")
     assert set(pw["device"]) <= {0, 1, 2, 3} and len(set(pw["device"])) >= 2  # the driver's numbering
 
 
@@ -137,21 +167,7 @@ def test_a_worker_killed_mid_cell_leaves_no_duplicate_and_no_lost_row(fake_gpu, 
     _powers(fake_gpu)
     out = tmp_path / "run"
     proc = _sweep(LONGER, out, tmp_path / "out.log")
-    try:
-        _wait(lambda: len(_workers(out)) == 4, proc, "4 ready workers")
-        started = re.compile(r"cell (\d+) started on worker (\d) ")
-        _wait(lambda: started.search((out / "run.log").read_text()), proc, "a started cell")
-        m = started.search((out / "run.log").read_text())
-        victim = next(w for w in _workers(out) if w["worker"] == int(m.group(2)))
-        os.kill(victim["pid"], signal.SIGKILL)
-        assert proc.wait(300) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-    log = (out / "run.log").read_text()
-    died = re.search(rf"worker {victim['worker']} \(GPU \d on .*\) died during cell (\S+) .*re-queued", log)
-    assert died, log[-3000:]
+    victim, died = kill_a_worker_mid_cell(out, proc, "4 ready workers")
     req, man = _read(out)
     assert len(req) == 6 * 4 and req["request_id"].is_unique  # 3 clocks x 2 batch sizes, 4 samples each
     assert man["status"] == "complete" and man["cells_done"] == 6
