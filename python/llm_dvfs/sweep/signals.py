@@ -1,0 +1,147 @@
+"""SIGINT, SIGTERM and SIGHUP end a sweep the same way.
+
+The first of them raises :class:`SignalExit` (a ``KeyboardInterrupt``) in the main thread, so the
+sweep unwinds as it does for Ctrl-C: :meth:`~llm_dvfs.control.clocks.ClockController.locked`
+restores the clocks on leaving its block (and the clock guard, which wraps these handlers once
+clocks change, restores at once; the watchdog covers a death), the manifest is marked
+``interrupted``, and the CLI prints the resume command and exits ``128 + signal number``:
+130 (SIGINT), 143 (SIGTERM), 129 (SIGHUP).
+
+Every later signal while the process shuts down is swallowed with one line on stderr, never a
+``KeyboardInterrupt`` in a ``finally`` block or an atexit callback (which would print a
+traceback, and could stop the manifest from being written). So are these signals during the
+interpreter's exit (atexit) after a sweep.
+
+A signal that is ignored when the sweep starts (SIGINT in a background job of a non-interactive
+shell, SIGHUP under ``nohup``) stays ignored: that process was started to survive it.
+
+Only the main thread can install handlers; from another thread :func:`handled` changes nothing.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import threading
+from typing import Any, Iterator, Optional
+
+#: The signals that end a sweep, each with exit status 128 + its number.
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class SignalExit(KeyboardInterrupt):
+    """Raised in the main thread by the first of :data:`SIGNALS`; ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+def exit_status(exc: BaseException) -> int:
+    """Exit status of an interrupt: 128 + the signal number; 130 for a plain KeyboardInterrupt."""
+    return exc.exit_status if isinstance(exc, SignalExit) else 128 + signal.SIGINT
+
+
+def signal_name(exc: BaseException) -> str:
+    """``SIGTERM`` etc. for a :class:`SignalExit`; ``SIGINT`` for a plain KeyboardInterrupt."""
+    return signal.Signals(exc.signum).name if isinstance(exc, SignalExit) else "SIGINT"
+
+
+def _say(text: str) -> None:
+    # os.write: async-signal-safe enough, and never re-enters a buffered stream mid-write
+    with contextlib.suppress(OSError):
+        os.write(2, text.encode())
+
+
+class _Handlers:
+    """The installed handlers of one :func:`handled` block."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None     # the first signal received
+        self.later = 0                        # signals swallowed since
+        self.active = True
+        self.previous: dict[int, Any] = {}
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if not self.active:  # after the block, reached through someone's wrapper: act as before
+            _call_previous(self.previous.get(signum, signal.SIG_DFL), signum, frame)
+            return
+        if self.signum is None:
+            self.signum = signum
+            raise SignalExit(signum)
+        self.later += 1
+        _say(f"\nllm_dvfs: {signal.Signals(signum).name} ignored: already shutting down "
+             "(restoring clocks, saving the run directory)\n")
+
+
+def _call_previous(prev: Any, signum: int, frame: Any) -> None:
+    if callable(prev):
+        prev(signum, frame)
+    elif prev == signal.SIG_IGN:
+        return
+    else:  # SIG_DFL (or None: set outside Python): the default action
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _swallow(signum: int, frame: Any) -> None:
+    _say(f"\nllm_dvfs: {signal.Signals(signum).name} ignored: the process is exiting\n")
+
+
+def _quiet_exit() -> None:
+    """atexit: the interpreter is ending; a signal now must not raise in another exit callback."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in SIGNALS:
+        with contextlib.suppress(ValueError, OSError, TypeError):
+            if signal.getsignal(sig) != signal.SIG_IGN:
+                signal.signal(sig, _swallow)
+
+
+@contextlib.contextmanager
+def handled(*, restore_after_signal: bool = False) -> Iterator[_Handlers]:
+    """Install the sweep's handlers for :data:`SIGNALS` for the block.
+
+    Leaving the block without a signal puts the previous handlers back (or, where someone
+    wrapped ours meanwhile, e.g. the clock guard, leaves the wrapper and makes ours forward to
+    the previous one). After a signal the handlers stay in shutdown mode (swallowing) for the
+    rest of the process unless ``restore_after_signal``: the process is ending, and a
+    KeyboardInterrupt in its exit path would print a traceback.
+
+    Also registers (once more, so that it runs first) an atexit callback that swallows these
+    signals while the interpreter exits.
+    """
+    h = _Handlers()
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        for sig in SIGNALS:
+            prev = signal.getsignal(sig)
+            if prev == signal.SIG_IGN:
+                continue  # ignored at start: stays ignored
+            try:
+                signal.signal(sig, h)
+                h.previous[sig] = prev
+            except (ValueError, OSError):
+                pass
+    try:
+        yield h
+    finally:
+        if main:
+            atexit.unregister(_quiet_exit)
+            atexit.register(_quiet_exit)  # atexit is LIFO: registered last, it runs first
+        if h.signum is None or restore_after_signal:
+            h.active = False
+            for sig, prev in h.previous.items():
+                with contextlib.suppress(ValueError, OSError, TypeError):
+                    if signal.getsignal(sig) is h:
+                        signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+
+
+__all__ = ["SIGNALS", "SignalExit", "exit_status", "signal_name", "handled"]
