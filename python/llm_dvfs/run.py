@@ -213,6 +213,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m llm_dvfs.r
             try:
                 return _main(args, command, state)
             except KeyboardInterrupt as e:  # SIGINT, SIGTERM, SIGHUP (signals.SignalExit)
+                signals.acknowledge()
                 _print_interrupted(e, state.get("plan"), args)
                 return signals.exit_status(e)
     finally:

@@ -38,7 +38,7 @@ from llm_dvfs.schema import read_parquet, to_frame
 from llm_dvfs.sweep.plan import Cell, ClockPoint, Plan, TaskEntry, check_busy
 from llm_dvfs.sweep.rundir import RunDir, now_iso
 from llm_dvfs.sweep.session import open_run
-from llm_dvfs.sweep.signals import signal_name
+from llm_dvfs.sweep.signals import acknowledge, signal_name
 import llm_dvfs.sweep.served as served  # not `from llm_dvfs.sweep import`: that is the package, which imports this
 
 log = logging.getLogger("llm_dvfs.sweep.execute")
@@ -176,6 +176,7 @@ def _execute(plan: Plan, rd: RunDir, manifest: dict[str, Any], quiet: bool) -> S
                 progress.close()
         status = "complete"
     except KeyboardInterrupt as e:  # SIGINT, SIGTERM, SIGHUP alike (sweep/signals.py)
+        acknowledge()  # later signals are swallowed while the run directory is saved
         status = "interrupted"
         why = signal_name(e)
         raise

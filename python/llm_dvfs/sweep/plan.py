@@ -185,9 +185,12 @@ def _check_model(spec: str, model_args: Optional[dict[str, Any]] = None,
     ms = ModelSpec.parse(spec)
     own, rest = split_model_args(model_args, ms.kind)  # ConfigError: keys an arch: model can't use
     if ms.kind == "hub":
+        from llm_dvfs.workload.hub import ensure_hub
+        rev = own.get("revision")
+        # offline (or no route to the hub) and not cached: one clear error at once (DataNotFound)
+        ensure_hub(ms.target, None if rev is None else str(rev), rest.get("cache_dir"))
         try:
             from transformers import AutoConfig
-            rev = own.get("revision")
             AutoConfig.from_pretrained(ms.target, revision=None if rev is None else str(rev),
                                        trust_remote_code=bool(own.get("trust_remote_code", False)),
                                        **{k: v for k, v in rest.items() if k in ("cache_dir", "token")})

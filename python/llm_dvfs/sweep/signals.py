@@ -7,10 +7,13 @@ clocks change, restores at once; the watchdog covers a death), the manifest is m
 ``interrupted``, and the CLI prints the resume command and exits ``128 + signal number``:
 130 (SIGINT), 143 (SIGTERM), 129 (SIGHUP).
 
-Every later signal while the process shuts down is swallowed with one line on stderr, never a
+Every later signal while the process shuts down is swallowed with one line on stderr (once
+the interrupt was caught, :func:`acknowledge`; before that, one more than :data:`LOST_AFTER_S`
+after the first raises again: the first was dropped somewhere, e.g. in a ``__del__``), never a
 ``KeyboardInterrupt`` in a ``finally`` block or an atexit callback (which would print a
-traceback, and could stop the manifest from being written). So are these signals during the
-interpreter's exit (atexit) after a sweep.
+traceback, and could stop the manifest from being written). During the interpreter's exit
+(atexit) after a sweep these signals are ignored: the exit status is already decided, and the
+clock guard's exit callback and the watchdog restore what is left.
 
 A signal that is ignored when the sweep starts (SIGINT in a background job of a non-interactive
 shell, SIGHUP under ``nohup``) stays ignored: that process was started to survive it.
@@ -24,7 +27,11 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from typing import Any, Iterator, Optional
+
+#: A signal this long after the first, before anyone acknowledged the SignalExit, raises again (s).
+LOST_AFTER_S = 2.0
 
 #: The signals that end a sweep, each with exit status 128 + its number.
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -63,6 +70,8 @@ class _Handlers:
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None     # the first signal received
+        self.t_first_s = 0.0                  # time.monotonic() of it
+        self.acknowledged = False             # someone caught the SignalExit (acknowledge())
         self.later = 0                        # signals swallowed since
         self.active = True
         self.previous: dict[int, Any] = {}
@@ -73,10 +82,26 @@ class _Handlers:
             return
         if self.signum is None:
             self.signum = signum
+            self.t_first_s = time.monotonic()
+            raise SignalExit(signum)
+        if not self.acknowledged and time.monotonic() - self.t_first_s > LOST_AFTER_S:
+            # the first SignalExit was raised where Python drops exceptions (a __del__, a gc or
+            # weakref callback: "Exception ignored in ...") and the sweep went on: raise again
+            self.t_first_s = time.monotonic()
             raise SignalExit(signum)
         self.later += 1
         _say(f"\nllm_dvfs: {signal.Signals(signum).name} ignored: already shutting down "
              "(restoring clocks, saving the run directory)\n")
+
+
+_current: list[_Handlers] = []
+
+
+def acknowledge() -> None:
+    """Say that the interrupt was caught and shutdown is under way (later signals are then
+    swallowed for good). Called where the SignalExit is caught; a no-op outside :func:`handled`."""
+    for h in _current:
+        h.acknowledged = True
 
 
 def _call_previous(prev: Any, signum: int, frame: Any) -> None:
@@ -91,18 +116,15 @@ def _call_previous(prev: Any, signum: int, frame: Any) -> None:
         os.kill(os.getpid(), signum)
 
 
-def _swallow(signum: int, frame: Any) -> None:
-    _say(f"\nllm_dvfs: {signal.Signals(signum).name} ignored: the process is exiting\n")
-
-
 def _quiet_exit() -> None:
-    """atexit: the interpreter is ending; a signal now must not raise in another exit callback."""
+    """atexit: the interpreter is ending; a signal now must neither raise in another exit callback
+    (a traceback) nor kill the process once the interpreter has put the default handlers back
+    (CPython's finalization does, for every Python-level handler): SIG_IGN, which it keeps."""
     if threading.current_thread() is not threading.main_thread():
         return
     for sig in SIGNALS:
         with contextlib.suppress(ValueError, OSError, TypeError):
-            if signal.getsignal(sig) != signal.SIG_IGN:
-                signal.signal(sig, _swallow)
+            signal.signal(sig, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
@@ -120,6 +142,7 @@ def handled(*, restore_after_signal: bool = False) -> Iterator[_Handlers]:
     """
     h = _Handlers()
     main = threading.current_thread() is threading.main_thread()
+    _current.append(h)
     if main:
         for sig in SIGNALS:
             prev = signal.getsignal(sig)
@@ -133,6 +156,7 @@ def handled(*, restore_after_signal: bool = False) -> Iterator[_Handlers]:
     try:
         yield h
     finally:
+        _current.remove(h)
         if main:
             atexit.unregister(_quiet_exit)
             atexit.register(_quiet_exit)  # atexit is LIFO: registered last, it runs first
@@ -144,4 +168,4 @@ def handled(*, restore_after_signal: bool = False) -> Iterator[_Handlers]:
                         signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
 
 
-__all__ = ["SIGNALS", "SignalExit", "exit_status", "signal_name", "handled"]
+__all__ = ["SIGNALS", "LOST_AFTER_S", "SignalExit", "acknowledge", "exit_status", "signal_name", "handled"]
