@@ -38,7 +38,7 @@ from llm_dvfs.schema import read_parquet, to_frame
 from llm_dvfs.sweep.plan import Cell, ClockPoint, Plan, TaskEntry, check_busy
 from llm_dvfs.sweep.rundir import RunDir, now_iso
 from llm_dvfs.sweep.session import open_run
-from llm_dvfs.sweep.signals import acknowledge, signal_name
+from llm_dvfs.sweep.signals import acknowledge, raise_pending, signal_name
 import llm_dvfs.sweep.served as served  # not `from llm_dvfs.sweep import`: that is the package, which imports this
 
 log = logging.getLogger("llm_dvfs.sweep.execute")
@@ -90,6 +90,7 @@ class _Progress:
                           dynamic_ncols=True, file=sys.stderr, disable=None)
 
     def advance(self, n: int) -> None:
+        raise_pending()  # after each batch: an interrupt Python dropped (sweep/signals.py)
         if self.sweep is not None:
             self.sweep.update(n)
 
@@ -422,6 +423,7 @@ def _clock_not_held(cp: ClockPoint, requests: pd.DataFrame, tolerance_mhz: float
 
 
 def _run_cell(ctx: _CellContext, cell: Cell, entry: TaskEntry, feats: pd.DataFrame, idle_w: float) -> None:
+    raise_pending()
     if cell.engine != "generate":  # served traffic: sweep/served.py
         served.run_cell(ctx, cell, entry, feats, idle_w)
         return

@@ -7,9 +7,12 @@ clocks change, restores at once; the watchdog covers a death), the manifest is m
 ``interrupted``, and the CLI prints the resume command and exits ``128 + signal number``:
 130 (SIGINT), 143 (SIGTERM), 129 (SIGHUP).
 
-Every later signal while the process shuts down is swallowed with one line on stderr (once
-the interrupt was caught, :func:`acknowledge`; before that, one more than :data:`LOST_AFTER_S`
-after the first raises again: the first was dropped somewhere, e.g. in a ``__del__``), never a
+An exception raised by a signal handler is lost when the signal lands in a ``__del__`` or a gc
+callback (Python prints "Exception ignored in ..." and goes on): the sweep calls
+:func:`raise_pending` between batches and cells, which raises it again until someone caught it
+(:func:`acknowledge`). Every later signal while the process shuts down is swallowed with one
+line on stderr (before the acknowledgement, one more than :data:`LOST_AFTER_S` after the first
+raises again), never a
 ``KeyboardInterrupt`` in a ``finally`` block or an atexit callback (which would print a
 traceback, and could stop the manifest from being written). During the interpreter's exit
 (atexit) after a sweep these signals are ignored: the exit status is already decided, and the
@@ -97,6 +100,18 @@ class _Handlers:
 _current: list[_Handlers] = []
 
 
+def raise_pending() -> None:
+    """Raise :class:`SignalExit` again if a signal came and nobody caught its exception: Python
+    drops an exception raised while a ``__del__`` or a gc/weakref callback runs (it prints
+    "Exception ignored in ..."), and the sweep would go on. The sweep calls this between
+    batches and cells; a no-op otherwise."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # a callback on a worker thread (served traffic): the main thread raises it
+    for h in _current:
+        if h.signum is not None and not h.acknowledged and h.active:
+            raise SignalExit(h.signum)
+
+
 def acknowledge() -> None:
     """Say that the interrupt was caught and shutdown is under way (later signals are then
     swallowed for good). Called where the SignalExit is caught; a no-op outside :func:`handled`."""
@@ -168,4 +183,4 @@ def handled(*, restore_after_signal: bool = False) -> Iterator[_Handlers]:
                         signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
 
 
-__all__ = ["SIGNALS", "LOST_AFTER_S", "SignalExit", "acknowledge", "exit_status", "signal_name", "handled"]
+__all__ = ["SIGNALS", "LOST_AFTER_S", "SignalExit", "acknowledge", "raise_pending", "exit_status", "signal_name", "handled"]
