@@ -298,6 +298,39 @@ def test_each_signal_restores_marks_interrupted_and_prints_the_resume_command(fa
     assert not run_lock.is_locked(out)
 
 
+def test_an_early_interrupt_leaves_nothing_or_a_resumable_directory(request, fake_gpu, tmp_path):
+    """SIGTERM at instants from start-up to the first cells: either nothing at --out and the
+    message says to run the command again, or a directory that the printed command resumes."""
+    seen = []
+    for i, delay_s in enumerate((0.3, 1.2, 2.4, 3.6)):
+        out = tmp_path / f"early{i}"
+        p = _sweep(out)
+        time.sleep(delay_s)
+        p.send_signal(signal.SIGTERM)
+        printed, _ = p.communicate(timeout=120)
+        assert fake_gpu.is_pristine()
+        assert not RunDir(out).creating_leftovers()
+        if p.returncode == 0:  # it finished first (a fast machine): nothing to check
+            seen.append(f"+{delay_s} s: finished first")
+            continue
+        if p.returncode == -signal.SIGTERM:  # still importing: handlers are installed before any write
+            assert not out.exists()
+            seen.append(f"+{delay_s} s: died during start-up (default SIGTERM), nothing at --out")
+            continue
+        assert p.returncode == 143 and "Traceback" not in printed, printed[-3000:]
+        if RunDir(out).has_manifest():
+            assert f"--resume {out} --allow-clock-changes" in printed
+            assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
+            cmd = ["--resume", str(out), "--allow-clock-changes", "-q"]
+            seen.append(f"+{delay_s} s: resumable directory")
+        else:
+            assert "nothing was written. Run the same command again" in printed and not out.exists()
+            cmd = [*faults.GRID, "--clocks", "1980,1500,1200", "--out", str(out)]
+            seen.append(f"+{delay_s} s: nothing at --out")
+        assert main(cmd) == 0
+    _say(request, ["SIGTERM at start-up: " + "; ".join(seen)])
+
+
 def test_repeated_signals_never_print_a_traceback(fake_gpu, tmp_path):
     out = tmp_path / "many"
     p = _sweep(out)
@@ -313,7 +346,8 @@ def test_repeated_signals_never_print_a_traceback(fake_gpu, tmp_path):
 
 
 def test_handlers_are_restored_and_ignored_signals_stay_ignored():
-    before_int = signal.getsignal(signal.SIGINT)
+    before = {s: signal.getsignal(s) for s in signals.SIGNALS}
+    before_int = before[signal.SIGINT]
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         with signals.handled() as h:
@@ -330,9 +364,8 @@ def test_handlers_are_restored_and_ignored_signals_stay_ignored():
         assert h.later == 1
         assert signal.getsignal(signal.SIGINT) is h  # after a signal: shutdown mode to the end
     finally:
-        signal.signal(signal.SIGINT, before_int)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        for s, prev in before.items():
+            signal.signal(s, prev if prev is not None else signal.SIG_DFL)
     with signals.handled() as h2:
         pass
     assert signal.getsignal(signal.SIGINT) is before_int and not h2.active

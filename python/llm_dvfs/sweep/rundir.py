@@ -107,6 +107,23 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (text + "\n").encode())
 
 
+def _pid_alive(pid_text: str) -> bool:
+    """Whether the process ``pid_text`` (a temporary directory's suffix) lives on this host."""
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False  # our own leftover (an earlier attempt in this process): removable
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists
+        return True
+    return True
+
+
 class RunDir:
     """The files of one run directory (layout in the module docstring)."""
 
@@ -151,7 +168,7 @@ class RunDir:
         """
         removed = []
         for p in self.creating_leftovers():
-            if is_locked(p):
+            if is_locked(p) or _pid_alive(p.name.rpartition("-")[2]):  # (it may not have locked yet)
                 raise ConfigError(f"run directory {self.path} is being created by "
                                   f"{describe_owner(read_owner(p / '.lock'))}; choose another --out")
             shutil.rmtree(p, ignore_errors=True)
