@@ -149,6 +149,15 @@ def test_each_kind_of_damage_is_recovered_or_refused_with_the_recovery_command(r
         return f"garbage in cells/{p.name}"
     case("marker-json", marker, says=("marker unreadable",), rerun=True)
 
+    def legacy_marker(run: Path) -> str:  # a marker written before the digests: the footer is read
+        m = run / "cells" / f"{_a_cell(run)}.json"
+        info = json.loads(m.read_text())
+        del info["parts"]
+        m.write_text(json.dumps(info))
+        faults.truncate(run / "cells" / f"{_a_cell(run)}.power.parquet")
+        return "a marker without digests (older runs) and its power part truncated"
+    case("legacy-marker", legacy_marker, says=("unreadable Parquet",), rerun=True)
+
     def manifest(run: Path) -> str:
         faults.truncate(run / "manifest.json", 40)
         return "manifest.json truncated to 40 bytes"
@@ -369,6 +378,29 @@ def test_handlers_are_restored_and_ignored_signals_stay_ignored():
     with signals.handled() as h2:
         pass
     assert signal.getsignal(signal.SIGINT) is before_int and not h2.active
+
+
+def test_a_signal_inside_a_finalizer_is_raised_at_the_next_batch_not_dropped():
+    before = {s: signal.getsignal(s) for s in signals.SIGNALS}
+    got = []
+
+    class Finalized:
+        def __del__(self):
+            h(signal.SIGTERM, sys._getframe())  # as the signal would arrive: in a __del__
+            got.append("no exception here")
+
+    try:
+        with signals.handled() as h:
+            obj = Finalized()
+            del obj  # an exception raised in __del__ would be printed and dropped
+            assert got == ["no exception here"] and h.signum == signal.SIGTERM
+            with pytest.raises(signals.SignalExit) as e:
+                signals.raise_pending()  # what the sweep calls after each batch and cell
+            assert e.value.exit_status == 143
+            signals.acknowledge()
+    finally:
+        for s, prev in before.items():
+            signal.signal(s, prev if prev is not None else signal.SIG_DFL)
 
 
 # ---------------------------------------------------------------------------------------------
