@@ -66,19 +66,18 @@ def _go_offline() -> None:
 def offline_reason(timeout_s: float = CONNECT_TIMEOUT_S) -> Optional[str]:
     """Why the hub is not usable in this process (None: it is reachable). Checked once, then
     remembered; switches huggingface_hub to offline mode when it is not. Never raises."""
+    if _truthy("HF_HUB_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE"):
+        return "HF_HUB_OFFLINE is set"  # read at each call: a caller may set it at any time
     with _lock:
-        if "offline_reason" in _state:
+        if "offline_reason" in _state:  # the probe's answer, once per process
             return _state["offline_reason"]
-        if _truthy("HF_HUB_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE"):
-            why: Optional[str] = "HF_HUB_OFFLINE is set"
-        else:
-            url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-            port = url.port or (80 if url.scheme == "http" else 443)
-            why = _probe(url.hostname or "huggingface.co", port, timeout_s)
-            if why is not None:
-                why = f"the hub ({url.hostname}) is not reachable: {why}"
-                log.info("%s; using the local cache only (offline mode)", why)
-                _go_offline()
+        url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+        port = url.port or (80 if url.scheme == "http" else 443)
+        why = _probe(url.hostname or "huggingface.co", port, timeout_s)
+        if why is not None:
+            why = f"the hub ({url.hostname}) is not reachable: {why}"
+            log.info("%s; using the local cache only (offline mode)", why)
+            _go_offline()
         _state["offline_reason"] = why
         return why
 
@@ -93,8 +92,10 @@ def is_cached(repo_id: str, revision: Optional[str] = None, cache_dir: Optional[
     return isinstance(got, str)
 
 
-def ensure_hub(repo_id: str, revision: Optional[str] = None, cache_dir: Optional[str] = None) -> None:
+def ensure_hub(repo_id: str, revision: Optional[str] = None, cache_dir: Optional[str] = None,
+               how_to_get: Optional[str] = None) -> None:
     """Fail fast when ``repo_id`` can only come from a hub that this process cannot reach.
+    ``how_to_get`` replaces the message's default advice (what to download, what else to use).
 
     Raises:
         DataNotFound: offline (or unreachable) and not in the cache; the message says how to
@@ -104,11 +105,12 @@ def ensure_hub(repo_id: str, revision: Optional[str] = None, cache_dir: Optional
     if why is None or is_cached(repo_id, revision, cache_dir):
         return
     rev = f" at revision {revision!r}" if revision else ""
-    raise DataNotFound(
-        f"model {repo_id!r}{rev} is not in the Hugging Face cache and {why}. Download it on a machine with "
-        f"internet (`hf download {repo_id}`; gated models also need an accepted licence and HF_TOKEN) and "
-        "copy the cache (~/.cache/huggingface), or pass a local directory, or use an arch: model with "
-        "random weights (python -c 'import llm_dvfs.workload.models as m; print(m.list_arch())')")
+    advice = how_to_get or (
+        f"Download it on a machine with internet (`hf download {repo_id}`; gated models also need an accepted "
+        "licence and HF_TOKEN) and copy the cache (~/.cache/huggingface), or pass a local directory, or use an "
+        "arch: model with random weights (python -c 'import llm_dvfs.workload.models as m; print(m.list_arch())')")
+    raise DataNotFound(f"model {repo_id!r}{rev} is not in the Hugging Face cache and {why}. "
+                       f"{advice[:1].upper()}{advice[1:]}")
 
 
 __all__ = ["CONNECT_TIMEOUT_S", "offline_reason", "is_cached", "ensure_hub"]

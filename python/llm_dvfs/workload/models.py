@@ -366,7 +366,7 @@ def _load_tokenizer(source: str, revision: str | None, trust_remote_code: bool,
     from transformers import AutoTokenizer
     more = {k: v for k, v in (hub_kwargs or {}).items() if k in _HUB_FILE_KWARGS}
     if not os.path.isdir(source):  # a hub id: fail fast offline (no retry storm)
-        ensure_hub(source, revision, more.get("cache_dir"))
+        ensure_hub(source, revision, more.get("cache_dir"), how_to_get=_hub_hint(source))
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=revision,
                                             trust_remote_code=trust_remote_code, **more)
@@ -553,7 +553,7 @@ def _load_pretrained(ms: ModelSpec, torch_dtype: str, device, device_map, revisi
         else:
             move_to = dev     # transformers needs accelerate for device_map; load, then move
     if ms.kind == "hub":
-        ensure_hub(ms.target, revision, extra_kwargs.get("cache_dir"))
+        ensure_hub(ms.target, revision, extra_kwargs.get("cache_dir"), how_to_get=_hub_hint(ms.target))
     tok_src = os.fspath(tokenizer) if tokenizer is not None else ms.target
     tok = _load_tokenizer(tok_src, revision if tokenizer is None else None, trust_remote_code,
                           extra_kwargs)
