@@ -237,6 +237,7 @@ def _print_interrupted(e: BaseException, plan: Any, args: argparse.Namespace) ->
 
 def _main(args: argparse.Namespace, command: list[str], state: dict[str, Any]) -> int:
     from llm_dvfs.sweep import lock as run_lock
+    from llm_dvfs.sweep import signals
     from llm_dvfs.sweep.config import embedded_default, load_config, resume_config
     from llm_dvfs.sweep.execute import execute
     from llm_dvfs.sweep.plan import GpuBusy, prepare
@@ -273,6 +274,7 @@ def _main(args: argparse.Namespace, command: list[str], state: dict[str, Any]) -
             print(f"llm_dvfs.run: error: {e}", file=sys.stderr)
             return 2
         state["plan"] = plan
+        signals.raise_pending()  # a signal deferred during an import: nothing is written yet
         for line in plan.describe().splitlines():
             log.info("%s", line)
         if args.dry_run:

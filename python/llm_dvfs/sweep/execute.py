@@ -149,6 +149,7 @@ def execute(plan: Plan, *, argv: Optional[Sequence[str]] = None, quiet: bool = F
         llm_dvfs.sweep.lock.RunDirInUse: another process owns the run directory (nothing changed).
         ConfigError: the run directory cannot be created, or its manifest (and backup) is unreadable.
     """
+    raise_pending()  # an interrupt deferred while modules were imported: before anything is written
     # one owner, atomic creation, damaged cells quarantined before planning: sweep/session.py
     with open_run(plan, argv) as (rd, manifest):
         return _execute(plan, rd, manifest, quiet)

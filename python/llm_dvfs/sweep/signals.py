@@ -8,8 +8,9 @@ clocks change, restores at once; the watchdog covers a death), the manifest is m
 130 (SIGINT), 143 (SIGTERM), 129 (SIGHUP).
 
 An exception raised by a signal handler is lost when the signal lands in a ``__del__`` or a gc
-callback (Python prints "Exception ignored in ..." and goes on): the handler does not raise in
-a ``__del__`` or weakref callback it can see, and the sweep calls :func:`raise_pending` between
+callback (Python prints "Exception ignored in ..." and goes on), and one raised while a module
+is imported can abort the process (torch's C++ initialisation does): the handler does not raise
+where it sees either, and the sweep calls :func:`raise_pending` after planning and between
 batches and cells, which raises it until someone caught it (:func:`acknowledge`). Every later signal while the process shuts down is swallowed with one
 line on stderr (before the acknowledgement, one more than :data:`LOST_AFTER_S` after the first
 raises again), never a
@@ -86,9 +87,10 @@ class _Handlers:
         if self.signum is None:
             self.signum = signum
             self.t_first_s = time.monotonic()
-            if _in_finalizer(frame):
-                # an exception here would be dropped with an "Exception ignored" traceback:
-                # raise_pending() raises it at the next batch or cell instead
+            if _unsafe_to_raise(frame):
+                # in a finalizer an exception is dropped with an "Exception ignored" traceback; in
+                # an import, a C extension's initialisation can abort the process on it (torch
+                # does): raise_pending() raises it at the next check point instead
                 return
             raise SignalExit(signum)
         if not self.acknowledged and time.monotonic() - self.t_first_s > LOST_AFTER_S:
@@ -104,15 +106,16 @@ class _Handlers:
 _current: list[_Handlers] = []
 
 
-def _in_finalizer(frame: Any, depth: int = 8) -> bool:
-    """Whether ``frame`` (or one of its callers, ``depth`` levels up) is a ``__del__`` or a weakref
-    callback: Python drops an exception raised there."""
+def _unsafe_to_raise(frame: Any, depth: int = 64) -> bool:
+    """Whether ``frame`` (or one of its callers, ``depth`` levels up) is a ``__del__``, a weakref
+    callback or a module being imported: where raising would be dropped or could abort."""
     f = frame
     for _ in range(depth):
         if f is None:
             return False
         code = f.f_code
-        if code.co_name == "__del__" or code.co_filename.endswith("weakref.py"):
+        if (code.co_name == "__del__" or code.co_filename.endswith("weakref.py")
+                or code.co_filename.startswith("<frozen importlib")):
             return True
         f = f.f_back
     return False
