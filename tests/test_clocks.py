@@ -345,6 +345,8 @@ _OWNER = r"""
 import os, signal, sys, time
 if "ignore-sigint" in sys.argv:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # e.g. a background job of a non-interactive shell
+else:  # what a foreground process has, also when pytest itself was started with SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 import llm_dvfs as ld
 from llm_dvfs.control import guard
 ctl = ld.ClockController(0, allow_clock_changes=True)

@@ -185,7 +185,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m llm_dvfs.c
                       f"{res.observed_mem_mhz} MHz; reasons: {', '.join(res.reasons) or 'none'}",
                       file=sys.stderr, flush=True)
             if command:
-                rc = subprocess.call(command)
+                try:
+                    rc = subprocess.call(command)
+                except OSError as e:  # not found, not executable: the lock is restored on the way out
+                    return fail(f"cannot run {command[0]!r}: {e.strerror}; the clocks were restored", 2)
             else:
                 try:
                     print("holding the lock; Ctrl-C (or SIGTERM) restores", file=sys.stderr,
@@ -205,4 +208,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m llm_dvfs.c
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # e.g. `python -m llm_dvfs.clocks | head`: not an error of the command
+        sys.exit(0)

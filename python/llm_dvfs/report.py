@@ -81,6 +81,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m llm_dvfs.repo
     except (ConfigError, DataNotFound) as e:
         print(f"llm_dvfs.report: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the output went away or filled up while the report was written
+        print(f"llm_dvfs.report: error: cannot write the report: {e.strerror or e}: "
+              f"{getattr(e, 'filename', '') or args.out or ''}", file=sys.stderr)
+        return 2
     except LlmDvfsError as e:  # pragma: no cover - nothing else is expected here
         print(f"llm_dvfs.report: error: {e}", file=sys.stderr)
         return 1

@@ -6,14 +6,18 @@ the synthetic task; on the GPU if there is one, else on the CPU without energy),
 minute, and prints where the results are and how to read them. See ``--help`` and docs/sweep.md.
 
 Exit status: 0 done; 2 bad input (config, model, task, clock, output directory, busy GPU with
-``--on-busy-gpu refuse``), nothing written; 1 a failure during the run (finished cells are kept:
-``--resume DIR``); 130 interrupted (Ctrl-C; clocks restored; resumable).
+``--on-busy-gpu refuse``, a run directory owned by another live process), nothing written; 1 a
+failure during the run, or a finished cell found damaged at the end (finished cells are kept:
+``--resume DIR``); 130, 143, 129 interrupted by SIGINT (Ctrl-C), SIGTERM, SIGHUP (clocks restored,
+manifest ``interrupted``, resumable: the command is printed). See :mod:`llm_dvfs.sweep.signals`.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from llm_dvfs import errors
@@ -70,8 +74,8 @@ sweep runs in observe mode and says so. Results: DIR/requests.parquet (one row p
 tokens.parquet, power.parquet, requests.csv, summary.csv, manifest.json; read them with
 `python -m llm_dvfs.report DIR`.
 
-exit status: 0 done, 2 bad input (nothing written), 1 failure during the run (resumable),
-130 interrupted (resumable)."""
+exit status: 0 done, 2 bad input or run directory in use (nothing written), 1 failure during
+the run (resumable), 130/143/129 interrupted by SIGINT/SIGTERM/SIGHUP (resumable)."""
 
 # (flag, config key, metavar / action, help) — help texts come from llm_dvfs.sweep.config.FIELD_HELP
 _VALUE_FLAGS = [
@@ -214,14 +218,58 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m llm_dvfs.run") -> int:
     """Entry point; returns the exit status (see the module docstring). ``prog`` names the
     command in usage lines (``llm-dvfs run`` from the console script)."""
-    from llm_dvfs.sweep.config import embedded_default, load_config, resume_config
-    from llm_dvfs.sweep.execute import execute
-    from llm_dvfs.sweep.plan import GpuBusy, prepare
+    from llm_dvfs.sweep import signals
 
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     handler = _setup_logging(args.quiet, args.verbose)
+    command = ["python", "-m", "llm_dvfs.run", *(argv if argv is not None else sys.argv[1:])]
+    state: dict[str, Any] = {}  # what _main got to: the plan, once made
+    try:
+        with signals.handled():
+            try:
+                return _main(args, command, state)
+            except KeyboardInterrupt as e:  # SIGINT, SIGTERM, SIGHUP (signals.SignalExit)
+                signals.acknowledge()
+                _print_interrupted(e, state.get("plan"), args)
+                return signals.exit_status(e)
+    finally:
+        _teardown_logging(handler)
+
+
+def _print_interrupted(e: BaseException, plan: Any, args: argparse.Namespace) -> None:
+    from llm_dvfs.sweep.rundir import RunDir
+    from llm_dvfs.sweep.signals import signal_name
+
+    out = plan.out if plan is not None else args.resume
+    sweep_mode = plan is not None and plan.mode == "sweep" or (plan is None and args.allow_clock_changes)
+    if out is not None and RunDir(out).has_manifest():
+        print(f"\nllm_dvfs.run: interrupted ({signal_name(e)}); finished cells are in {out}. Continue with:\n"
+              f"  python -m llm_dvfs.run --resume {out}" + (" --allow-clock-changes" if sweep_mode else ""),
+              file=sys.stderr)
+    else:
+        print(f"\nllm_dvfs.run: interrupted ({signal_name(e)}) before the run directory was created; nothing "
+              "was written. Run the same command again to start it.", file=sys.stderr)
+
+
+def _main(args: argparse.Namespace, command: list[str], state: dict[str, Any]) -> int:
+    from llm_dvfs.sweep import lock as run_lock
+    from llm_dvfs.sweep import signals
+    from llm_dvfs.sweep.config import embedded_default, load_config, resume_config
+    from llm_dvfs.sweep.execute import execute
+    from llm_dvfs.sweep.plan import GpuBusy, prepare
+
     log = logging.getLogger("llm_dvfs.run")
+    # a resume owns its directory before it reads the manifest (a second one stops here, rc 2)
+    # (only a run directory: a typo'd --resume must not get a .lock file; resume_config says why)
+    from llm_dvfs.sweep.rundir import RunDir
+    owned = args.resume and RunDir(Path(args.resume).expanduser()).has_manifest()
+    owner = run_lock.hold(Path(args.resume).expanduser(), command) if owned else contextlib.nullcontext()
+    try:
+        owner.__enter__()
+    except errors.ConfigError as e:
+        print(f"llm_dvfs.run: error: {e}", file=sys.stderr)
+        return 2
     try:
         overrides = _overrides(args)
         try:
@@ -242,6 +290,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m llm_dvfs.r
         except (errors.ConfigError, errors.DataNotFound, GpuBusy, errors.ClockChangeNotAllowed) as e:
             print(f"llm_dvfs.run: error: {e}", file=sys.stderr)
             return 2
+        state["plan"] = plan
+        signals.raise_pending()  # a signal deferred during an import: nothing is written yet
         for line in plan.describe().splitlines():
             log.info("%s", line)
         if args.dry_run:
@@ -251,15 +301,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m llm_dvfs.r
             print("dry run: nothing was run or written")
             return 0
         try:
-            res = execute(plan, argv=["python", "-m", "llm_dvfs.run", *(argv if argv is not None else sys.argv[1:])],
-                          quiet=args.quiet)
+            res = execute(plan, argv=command, quiet=args.quiet)
             from llm_dvfs.analysis.console import write_summary  # after the run: scipy & co. load late
             _, summary_text = write_summary(res.out, res.requests)  # DIR/summary.csv
-        except KeyboardInterrupt:
-            print(f"\nllm_dvfs.run: interrupted; finished cells are in {plan.out}. Continue with:\n"
-                  f"  python -m llm_dvfs.run --resume {plan.out}"
-                  + (" --allow-clock-changes" if plan.mode == "sweep" else ""), file=sys.stderr)
-            return 130
         except (errors.ConfigError, errors.DataNotFound) as e:
             print(f"llm_dvfs.run: error: {e}", file=sys.stderr)
             return 2
@@ -268,9 +312,13 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m llm_dvfs.r
                   f"continue with: python -m llm_dvfs.run --resume {plan.out}", file=sys.stderr)
             return 1
         _print_result(res, plan, summary_text)
+        if res.status == "incomplete":
+            print(f"llm_dvfs.run: a finished cell was found damaged and moved to {plan.out}/damaged/; run it "
+                  f"again with: python -m llm_dvfs.run --resume {plan.out}"
+                  + (" --allow-clock-changes" if plan.mode == "sweep" else ""), file=sys.stderr)
         return 0 if res.status == "complete" else 1
     finally:
-        _teardown_logging(handler)
+        owner.__exit__(None, None, None)
 
 
 def _print_result(res: Any, plan: Any, summary_text: str) -> None:

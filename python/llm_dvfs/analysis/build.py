@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -86,7 +87,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, late
 
     Raises:
         DataNotFound: see :func:`load_run`.
-        ConfigError: ``latency_limit`` is negative / not finite, or ``request_id`` is unknown.
+        ConfigError: ``latency_limit`` is negative / not finite, ``request_id`` is unknown, or
+            ``out_dir`` cannot be written.
     """
     if not (latency_limit >= 0 and math.isfinite(latency_limit)):
         raise ConfigError(f"--latency-limit must be a fraction >= 0 (0.05 = +5 %), got {latency_limit!r}")
@@ -96,7 +98,14 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, late
                           "pick a request_id from requests.csv")
     out = Path(out_dir) if out_dir is not None else run.path / "report"
     figdir = out / "figures"
-    figdir.mkdir(parents=True, exist_ok=True)
+    try:
+        figdir.mkdir(parents=True, exist_ok=True)
+        probe = figdir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")  # a real write (root passes os.access and mkdir on read-only mounts)
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write the report to {str(out)!r}: {e.strerror}; pass --out DIR "
+                          "with a writable directory") from None
 
     # load_run keeps the schema's nullable dtypes (what the files hold); the statistics compute on
     # numpy floats, where a null is NaN

@@ -66,25 +66,41 @@ def load_run(run_dir: str | Path) -> RunData:
     notes: list[str] = []
     manifest: dict[str, Any] = {}
     mpath = path / "manifest.json"
-    if mpath.is_file():
-        try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            notes.append(f"manifest.json could not be read ({e}).")
+    if mpath.is_file() or (path / "manifest.json.bak").is_file():
+        errs = []
+        for p in (mpath, path / "manifest.json.bak"):  # the sweep writes the backup just before
+            try:
+                manifest = json.loads(p.read_text(encoding="utf-8"))
+                break
+            except (OSError, ValueError) as e:
+                errs.append(f"{p.name}: {e}")
+        if errs:
+            notes.append(f"manifest could not be read ({'; '.join(errs)})"
+                         + ("; read manifest.json.bak instead." if manifest else "."))
     else:
         notes.append("manifest.json is missing: the run's configuration and versions are unknown.")
+    rebuild = (f"python -m llm_dvfs.run --resume {path}"
+               + (" --allow-clock-changes" if manifest.get("mode") == "sweep" else ""))
     if (path / "requests.parquet").is_file():
-        requests = pd.read_parquet(path / "requests.parquet")
+        try:
+            requests = pd.read_parquet(path / "requests.parquet")
+        except Exception as e:  # pyarrow's ArrowInvalid (truncated), OSError, ...
+            raise DataNotFound(f"{path / 'requests.parquet'} is damaged ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}); the run tables are rebuilt from "
+                               f"the finished cells by: {rebuild}") from None
         src = "requests.parquet"
     elif (path / "requests.csv").is_file():
         requests = pd.read_csv(path / "requests.csv", keep_default_na=True)
         src = "requests.csv"
         notes.append("requests.parquet is missing; read requests.csv instead.")
+    elif manifest:
+        raise DataNotFound(f"{path} has no finished cell yet (no requests.parquet); continue the run with: {rebuild}")
     else:
         raise DataNotFound(f"{path} has no requests.parquet or requests.csv: is it a run directory "
                            "written by `python -m llm_dvfs.run`?")
     if requests.empty:
-        raise DataNotFound(f"{path / src} has no rows: the run measured nothing yet")
+        raise DataNotFound(f"{path / src} has no rows: the run has no finished cell yet"
+                           + (f"; continue it with: {rebuild}" if manifest else ""))
     requests = _typed(requests, "requests", notes, src)
 
     def optional(name: str, kind: str) -> pd.DataFrame | None:
@@ -92,7 +108,12 @@ def load_run(run_dir: str | Path) -> RunData:
         if not p.is_file():
             notes.append(f"{name}.parquet is missing: no power trace can be drawn.")
             return None
-        return _typed(pd.read_parquet(p), kind, notes, p.name)
+        try:
+            df = pd.read_parquet(p)
+        except Exception as e:  # damaged: the report goes on without it
+            notes.append(f"{name}.parquet is damaged ({type(e).__name__}); left out. `{rebuild}` rebuilds it.")
+            return None
+        return _typed(df, kind, notes, p.name)
 
     return RunData(path, manifest, requests, optional("tokens", "tokens"), optional("power", "power"), notes)
 

@@ -26,6 +26,7 @@ from llm_dvfs.control.clocks import ClockController, ClockSettleWarning, read_st
 from llm_dvfs.schema import to_frame
 from llm_dvfs.sweep.plan import Cell, ClockPoint, Plan, TaskEntry, check_busy
 from llm_dvfs.sweep.rundir import RunDir, now_iso
+from llm_dvfs.sweep.signals import raise_pending
 import llm_dvfs.sweep.served as served  # not `from llm_dvfs.sweep import`: that is the package
 
 # the executor's logger: these messages were always its (run.log and -v filters keep working)
@@ -66,6 +67,7 @@ class Progress:
                           dynamic_ncols=True, file=sys.stderr, disable=None)
 
     def advance(self, n: int) -> None:
+        raise_pending()  # after each batch: an interrupt Python dropped (sweep/signals.py)
         if self.sweep is not None:
             self.sweep.update(n)
 

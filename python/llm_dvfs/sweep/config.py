@@ -565,8 +565,8 @@ def resume_config(run_dir: str | os.PathLike[str], overrides: Optional[Mapping[s
             opt-in.
     """
     rd = RunDir(Path(run_dir).expanduser())
-    if not rd.manifest_path.is_file():
-        raise ConfigError(f"--resume {str(run_dir)!r}: no manifest.json there; not a run directory")
+    if not rd.has_manifest():
+        raise ConfigError(rd.not_a_run_dir())
     manifest = rd.read_manifest()
     if manifest.get("tool") != "llm_dvfs.run" or "config" not in manifest:
         raise ConfigError(f"--resume {str(run_dir)!r}: manifest.json is not from llm_dvfs.run")

@@ -37,8 +37,10 @@ from llm_dvfs.meter.monitor import PowerMonitor
 from llm_dvfs.schema import read_parquet
 from llm_dvfs.sweep.cells import (CONSOLIDATE_LARGE_S, CellContext, Progress, enter_clock_point, free_memory,
                                   load_for_cells, measure_cell, record_cell, task_features)
-from llm_dvfs.sweep.plan import Cell, ClockPoint, Plan, TaskEntry, new_manifest
-from llm_dvfs.sweep.rundir import RunDir, git_revision, now_iso
+from llm_dvfs.sweep.plan import Cell, ClockPoint, Plan, TaskEntry
+from llm_dvfs.sweep.rundir import RunDir, now_iso
+from llm_dvfs.sweep.session import open_run
+from llm_dvfs.sweep.signals import acknowledge, raise_pending, signal_name
 import llm_dvfs.sweep.served as served  # not `from llm_dvfs.sweep import`: that is the package, which imports this
 
 log = logging.getLogger("llm_dvfs.sweep.execute")
@@ -49,7 +51,7 @@ class SweepResult:
     """What :func:`execute` returns."""
 
     out: Path
-    status: str                      # complete | interrupted | failed
+    status: str                      # complete | interrupted | failed | incomplete (a damaged part)
     cells_run: int
     cells_skipped: int
     requests: pd.DataFrame           # the run's requests table (requests.parquet)
@@ -98,23 +100,23 @@ def execute(plan: Plan, *, argv: Optional[Sequence[str]] = None, quiet: bool = F
     :func:`llm_dvfs.analysis.console.write_summary`'s, which the CLI calls afterwards. A KeyboardInterrupt marks the manifest
     ``interrupted`` and is re-raised after the clocks are restored; other exceptions mark it
     ``failed`` and are re-raised. Finished cells are on disk either way; ``--resume`` continues.
+    SIGTERM and SIGHUP end it as SIGINT does where :func:`llm_dvfs.sweep.signals.handled` is in
+    force (the CLI); status ``incomplete``: a finished cell was found damaged at the end and
+    quarantined (``--resume`` runs it again). With ``plan.workers`` (``--gpus``/``--ray``) the
+    cells run on the scheduler of :mod:`llm_dvfs.sweep.parallel`; this process alone writes the
+    run directory either way.
+
+    Raises:
+        llm_dvfs.sweep.lock.RunDirInUse: another process owns the run directory (nothing changed).
+        ConfigError: the run directory cannot be created, or its manifest (and backup) is unreadable.
     """
-    rd = RunDir(plan.out)
-    if plan.resume:
-        manifest = rd.read_manifest()
-        manifest["resumes"] = list(manifest.get("resumes", [])) + [
-            {"at": now_iso(), "command": list(argv) if argv is not None else sys.argv,
-             "git_revision": git_revision()}]
-        manifest["status"] = "running"
-        manifest["finished_at"] = None
-        manifest["notes"] = list(dict.fromkeys(list(manifest.get("notes", [])) + plan.notes))
-        rd.create()
-        removed = rd.remove_partial(plan.cells)
-        if removed:
-            log.info("removed %d part file(s) of the cell that was interrupted", removed)
-    else:
-        rd.create()
-        manifest = new_manifest(plan, argv)
+    raise_pending()  # an interrupt deferred while modules were imported: before anything is written
+    # one owner, atomic creation, damaged cells quarantined before planning: sweep/session.py
+    with open_run(plan, argv) as (rd, manifest):
+        return _execute(plan, rd, manifest, quiet)
+
+
+def _execute(plan: Plan, rd: RunDir, manifest: dict[str, Any], quiet: bool) -> SweepResult:
     file_log = _attach_file_log(rd.path / "run.log")
     rd.write_manifest(manifest)
     for n in plan.notes:
@@ -126,6 +128,7 @@ def execute(plan: Plan, *, argv: Optional[Sequence[str]] = None, quiet: bool = F
     if skipped:
         log.info("resuming: %d of %d cells are already done", skipped, len(plan.cells))
     status = "failed"
+    why: Optional[str] = None
     cells_run = 0
     try:
         with _logs_through_tqdm():
@@ -139,17 +142,25 @@ def execute(plan: Plan, *, argv: Optional[Sequence[str]] = None, quiet: bool = F
             finally:
                 progress.close()
         status = "complete"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # SIGINT, SIGTERM, SIGHUP alike (sweep/signals.py)
+        acknowledge()  # later signals are swallowed while the run directory is saved
         status = "interrupted"
+        why = signal_name(e)
         raise
     finally:
-        manifest["status"] = status
-        manifest["finished_at"] = now_iso() if status == "complete" else None
-        manifest["cells_done"] = sum(1 for c in plan.cells if rd.is_done(c))
-        if status != "complete":
-            manifest.setdefault("interruptions", []).append({"at": now_iso(), "status": status})
         try:
-            rd.consolidate(plan.cells)
+            rd.consolidate(plan.cells)  # never raises on a damaged part: quarantines it (rd.damaged)
+            if rd.damaged:
+                status = "incomplete" if status == "complete" else status
+                manifest.setdefault("repairs", []).extend(
+                    dict(d.as_dict(), at=now_iso(), action="quarantined to damaged/; --resume runs it again")
+                    for d in rd.damaged)
+            manifest["status"] = status
+            manifest["finished_at"] = now_iso() if status == "complete" else None
+            manifest["cells_done"] = sum(1 for c in plan.cells if rd.is_done(c))
+            if status != "complete":
+                manifest.setdefault("interruptions", []).append(
+                    {"at": now_iso(), "status": status, **({"signal": why} if why else {})})
             rd.write_manifest(manifest)
         finally:
             if file_log is not None:
@@ -225,6 +236,7 @@ def _clock_point(ctx: CellContext, cp: ClockPoint, todo: list[Cell], feats: dict
 
 
 def _run_cell(ctx: CellContext, cell: Cell, entry: TaskEntry, feats: pd.DataFrame, idle_w: float) -> None:
+    raise_pending()
     if cell.engine != "generate":  # served traffic: sweep/served.py
         served.run_cell(ctx, cell, entry, feats, idle_w)
         return

@@ -218,9 +218,12 @@ def _check_model(spec: str, model_args: Optional[dict[str, Any]] = None,
     ms = ModelSpec.parse(spec)
     own, rest = split_model_args(model_args, ms.kind)  # ConfigError: keys an arch: model can't use
     if ms.kind == "hub":
+        from llm_dvfs.workload.hub import ensure_hub
+        rev = own.get("revision")
+        # offline (or no route to the hub) and not cached: one clear error at once (DataNotFound)
+        ensure_hub(ms.target, None if rev is None else str(rev), rest.get("cache_dir"))
         try:
             from transformers import AutoConfig
-            rev = own.get("revision")
             AutoConfig.from_pretrained(ms.target, revision=None if rev is None else str(rev),
                                        trust_remote_code=bool(own.get("trust_remote_code", False)),
                                        **{k: v for k, v in rest.items() if k in ("cache_dir", "token")})
@@ -364,17 +367,18 @@ def check_busy(gpu: Any, policy: str, notes: Optional[list[str]] = None) -> list
 
 def _check_out_dir(out: Path, resume: bool) -> None:
     if resume:
-        if not (out / "manifest.json").is_file():
-            raise ConfigError(f"--resume {str(out)!r}: no manifest.json there; not a run directory")
+        if not RunDir(out).has_manifest():
+            raise ConfigError(RunDir(out).not_a_run_dir())
         probe_dir = out
     else:
         if out.exists():
             if not out.is_dir():
                 raise ConfigError(f"output {str(out)!r} exists and is not a directory")
             if any(out.iterdir()):
-                hint = " (it is a run directory: use --resume to continue it)" if (out / "manifest.json").exists() else ""
+                hint = " (it is a run directory: use --resume to continue it)" if RunDir(out).has_manifest() else ""
                 raise ConfigError(f"output directory {str(out)!r} is not empty{hint}; choose a new one")
-        probe_dir = out
+        # the run directory is built next to it and renamed into place (RunDir.create_new)
+        probe_dir = out.parent
         while not probe_dir.exists():
             if probe_dir.parent == probe_dir:
                 break

@@ -30,6 +30,7 @@ from typing import Any, Literal, Mapping, Optional
 from llm_dvfs.atomic import atomic_write_with
 from llm_dvfs.errors import ConfigError, DataNotFound
 from llm_dvfs.workload.configs import textgen
+from llm_dvfs.workload.hub import ensure_hub
 from llm_dvfs.workload.model_args import split_model_args
 
 ARCH_PREFIX = "arch:"
@@ -364,6 +365,8 @@ def _load_tokenizer(source: str, revision: str | None, trust_remote_code: bool,
                     hub_kwargs: Optional[Mapping[str, Any]] = None):
     from transformers import AutoTokenizer
     more = {k: v for k, v in (hub_kwargs or {}).items() if k in _HUB_FILE_KWARGS}
+    if not os.path.isdir(source):  # a hub id: fail fast offline (no retry storm)
+        ensure_hub(source, revision, more.get("cache_dir"), how_to_get=_hub_hint(source))
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=revision,
                                             trust_remote_code=trust_remote_code, **more)
@@ -549,6 +552,8 @@ def _load_pretrained(ms: ModelSpec, torch_dtype: str, device, device_map, revisi
             device_map = dev  # weights are loaded straight onto the device
         else:
             move_to = dev     # transformers needs accelerate for device_map; load, then move
+    if ms.kind == "hub":
+        ensure_hub(ms.target, revision, extra_kwargs.get("cache_dir"), how_to_get=_hub_hint(ms.target))
     tok_src = os.fspath(tokenizer) if tokenizer is not None else ms.target
     tok = _load_tokenizer(tok_src, revision if tokenizer is None else None, trust_remote_code,
                           extra_kwargs)
