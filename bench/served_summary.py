@@ -34,8 +34,8 @@ def _pcts(x: pd.Series) -> dict[str, float]:
 
 
 def served(run: Path) -> tuple[list[dict], list[dict]]:
-    req = pd.read_parquet(run / "requests.parquet")
-    req = req[req["load_phase"].fillna("measured").eq("measured") & req["error"].isna()]
+    every = pd.read_parquet(run / "requests.parquet")  # the sum check is over every row of a cell
+    req = every[every["load_phase"].fillna("measured").eq("measured") & every["error"].isna()]
     man = json.loads((run / "manifest.json").read_text())
     rows, checks = [], []
     for conc, g in req.groupby("concurrency"):
@@ -47,8 +47,7 @@ def served(run: Path) -> tuple[list[dict], list[dict]]:
                      "energy_method": sorted(g["energy_method"].dropna().unique().tolist())})
     for cell_id, s in (man.get("served") or {}).items():
         e = s.get("energy") or {}
-        cell = pd.read_parquet(run / "requests.parquet")
-        tot = float(cell.loc[cell["cell_id"] == cell_id, "energy_j"].sum())
+        tot = float(every.loc[every["cell_id"] == cell_id, "energy_j"].sum())
         expect = e.get("monitor_energy_j", float("nan")) - e.get("idle_energy_j", 0.0) - e.get("unattributed_energy_j", 0.0)
         checks.append({"cell": cell_id, "requests_sum_j": tot, "window_minus_idle_unattr_j": expect,
                        "rel_diff": abs(tot - expect) / abs(expect) if expect else float("nan"),

@@ -5,8 +5,6 @@ tests/test_parallel.py."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -14,7 +12,7 @@ pytest.importorskip("ray")
 
 from conftest import assert_emulated_nvml  # noqa: E402
 from test_parallel import (BASE_W, LONGER, _check_per_gpu_power, _gpu_of, _powers, _pristine,  # noqa: E402
-                           _read, kill_a_worker_mid_cell, rows_of_one_and_many)
+                           _read, _sweep, kill_a_worker_mid_cell, rows_of_one_and_many)
 
 
 @pytest.mark.changes_clocks
@@ -35,8 +33,7 @@ def test_a_ray_actor_killed_mid_cell_is_run_again_elsewhere(fake_gpu, tmp_path):
     _powers(fake_gpu)
     out = tmp_path / "run"
     args = [a for a in LONGER if a not in ("--gpus", "all")] + ["--ray", "local"]
-    proc = subprocess.Popen([sys.executable, "-m", "llm_dvfs.run", *args, "--out", str(out)],
-                            stdout=(tmp_path / "out.log").open("w"), stderr=subprocess.STDOUT)
+    proc = _sweep(args, out, tmp_path / "out.log")
     victim, died = kill_a_worker_mid_cell(out, proc, "4 ready actors", timeout_s=300)
     req, man = _read(out)
     assert len(req) == 24 and req["request_id"].is_unique and man["cells_done"] == 6
